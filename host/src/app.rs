@@ -1,0 +1,93 @@
+//! The shared state of one host process.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::delivery::backplane::Backplane;
+use crate::delivery::registry::Registry;
+use crate::manifest::Manifest;
+use crate::runtime::Runtime;
+
+pub struct App {
+    pub config: Config,
+    pub manifest: Manifest,
+    pub runtime: Runtime,
+    pub registry: Arc<Registry>,
+    pub backplane: Arc<Backplane>,
+    pub postgres: deadpool_postgres::Pool,
+    pub instance_id: String,
+    pub allowed_origins: Vec<String>,
+    /// Flips to true when the process starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    connections_per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl App {
+    #[expect(clippy::too_many_arguments, reason = "built once at start-up")]
+    pub fn new(
+        config: Config,
+        manifest: Manifest,
+        runtime: Runtime,
+        registry: Arc<Registry>,
+        backplane: Arc<Backplane>,
+        postgres: deadpool_postgres::Pool,
+        instance_id: String,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let allowed_origins = config.allowed_origins();
+        Self {
+            config,
+            manifest,
+            runtime,
+            registry,
+            backplane,
+            postgres,
+            instance_id,
+            allowed_origins,
+            shutdown,
+            connections_per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a new connection from `ip`, or returns None when the address
+    /// already has `MAX_CONNECTIONS_PER_IP` open.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut counts = self.connections_per_ip.lock().expect("lock poisoned");
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.config.max_connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            app: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn is_origin_allowed(&self, origin: &str) -> bool {
+        let origin = origin.trim_end_matches('/');
+        self.allowed_origins.iter().any(|allowed| allowed == origin)
+    }
+}
+
+/// One counted connection of an address; dropping it frees the slot.
+pub struct AddressSlot {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.app.connections_per_ip.lock().expect("lock poisoned");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! `nexus-host`: the native WebSocket host of Nexus Chat.
+
+mod app;
+mod config;
+mod delivery;
+mod manifest;
+mod migrate;
+mod net;
+mod runtime;
+mod token;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use app::App;
+use config::Config;
+use delivery::backplane::Backplane;
+use delivery::registry::Registry;
+use manifest::Manifest;
+use runtime::state::Backends;
+use runtime::Runtime;
+
+#[derive(Parser)]
+#[command(name = "nexus-host", version, about = "Nexus Chat WebSocket host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSockets and HTTP routes (the default).
+    Serve,
+    /// Apply pending Postgres migrations and exit.
+    Migrate,
+    /// Print a development token for USER_ID, signed with JWT_SECRET.
+    Token {
+        user_id: String,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_s: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    // `.env.local` is optional; the environment wins over it.
+    let _ = dotenvy::from_filename(".env.local");
+    let cli = Cli::parse();
+    init_tracing(&cli.config);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!(cause = %error, "failed to start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(cli.config).await,
+            Command::Migrate => {
+                let applied = migrate::run(&cli.config.database_url).await?;
+                info!(applied, "migrations up to date");
+                Ok(())
+            }
+            Command::Token { user_id, ttl_s } => token::print(&cli.config, &user_id, ttl_s),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            error!(cause = %format!("{error:#}"), "nexus-host failed");
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.is_production() {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let instance_id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_string());
+    info!(instance_id, port = config.port, "starting");
+
+    let applied = migrate::run(&config.database_url).await?;
+    info!(applied, "migrations up to date");
+
+    let manifest = Manifest::load(&config.manifest)?;
+    info!(application = %manifest.app_name, components = manifest.components.len(), "manifest loaded");
+    let backends = Arc::new(Backends::new(
+        config.io_timeout(),
+        config.postgres_pool_size,
+    ));
+    let redis_url = config.redis_url();
+    let commands = backends
+        .redis(&redis_url)
+        .await
+        .context("failed to connect to Redis; check REDIS_URL or REDIS_HOST/REDIS_PORT")?;
+    let postgres = backends.postgres(&config.database_url).await?;
+    let runtime = Runtime::load(&manifest, &config, backends.clone())?;
+
+    let registry = Arc::new(Registry::default());
+    let backplane = Backplane::connect(
+        &redis_url,
+        commands,
+        instance_id.clone(),
+        registry.clone(),
+        config.presence_ttl(),
+        config.io_timeout(),
+    )
+    .await?;
+    backplane.spawn_refresh();
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let address: SocketAddr = format!("{}:{}", config.bind_address, config.port)
+        .parse()
+        .context("invalid BIND_ADDRESS or PORT")?;
+    let app = Arc::new(App::new(
+        config,
+        manifest,
+        runtime,
+        registry,
+        backplane,
+        postgres,
+        instance_id,
+        shutdown_rx,
+    ));
+
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to listen on {address}"))?;
+    info!(%address, "listening");
+    let router = net::server::router(app.clone());
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        info!("shutting down: closing connections with 1012");
+        let _ = shutdown_tx.send(true);
+    });
+    let server = tokio::spawn(server.into_future());
+    let mut shutdown = app.shutdown.clone();
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+    // Sessions finish their event in flight and close; give them a bound.
+    match tokio::time::timeout(Duration::from_secs(10), server).await {
+        Ok(result) => result??,
+        Err(_) => info!("connections still open after 10 s; exiting"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("failed to install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

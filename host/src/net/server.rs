@@ -1,0 +1,167 @@
+//! The HTTP server: the WebSocket endpoint, health endpoints and the
+//! components' HTTP routes, all on one port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{debug, warn};
+
+use super::session::Session;
+use crate::app::App;
+use crate::runtime::http::MAX_REQUEST_BODY;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/ws", get(websocket))
+        .route("/health", get(health))
+        .route("/livez", get(livez))
+        .fallback(component_route)
+        .with_state(app)
+}
+
+#[derive(Deserialize)]
+struct WebSocketQuery {
+    token: Option<String>,
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim().to_string())
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({ "code": code, "message": message }))).into_response()
+}
+
+async fn websocket(
+    State(app): State<Arc<App>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    Query(query): Query<WebSocketQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // Browsers always send Origin; native clients may not, and are allowed.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        if !app.is_origin_allowed(origin) {
+            debug!(%remote, origin, "websocket origin rejected");
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN_ORIGIN",
+                "origin is not in FRONTEND_URLS",
+            );
+        }
+    }
+    if *app.shutdown.borrow() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RESTARTING",
+            "server is restarting",
+        );
+    }
+    let Some(slot) = app.admit(remote.ip()) else {
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_CONNECTIONS",
+            "too many connections from this address",
+        );
+    };
+    let token = bearer_token(&headers).or(query.token);
+    let max = app.config.max_frame_bytes;
+    upgrade
+        .max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| Session::run(app, socket, remote, token, slot))
+}
+
+async fn livez() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let redis = app.backplane.ping().await;
+    let postgres = postgres_ready(&app).await;
+    let components: Vec<_> = app
+        .runtime
+        .components()
+        .map(|component| json!({ "id": component.id, "digest": component.digest, "status": "ok" }))
+        .collect();
+    let ready = redis && postgres;
+    let body = json!({
+        "status": if ready { "ok" } else { "degraded" },
+        "instanceId": app.instance_id,
+        "redis": if redis { "ok" } else { "unreachable" },
+        "postgres": if postgres { "ok" } else { "unreachable" },
+        "connections": app.registry.len(),
+        "components": components,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn postgres_ready(app: &App) -> bool {
+    let check = async {
+        let client = app.postgres.get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), check).await,
+        Ok(Some(_))
+    )
+}
+
+/// Serves `spin.toml`'s HTTP routes through the owning component.
+async fn component_route(State(app): State<Arc<App>>, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let Some(route) = app.manifest.route_for(&path) else {
+        return json_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route");
+    };
+    let component = route.component.clone();
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BODY_TOO_LARGE",
+                "request body is too large",
+            )
+        }
+    };
+    let request = http::Request::from_parts(parts, Bytes::from(body));
+    match app.runtime.serve_http(&component, request).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(error) => {
+            warn!(component, path, cause = %format!("{error:#}"), "component route failed");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                "the route's component failed",
+            )
+        }
+    }
+}

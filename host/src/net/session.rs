@@ -1,0 +1,648 @@
+//! One WebSocket session: reads frames, dispatches events to components one
+//! at a time in arrival order, carries out their effects, and runs the
+//! connection's timers, pings and time limits.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant as TokioInstant};
+use tracing::{debug, info, warn};
+
+use super::close;
+use crate::app::{AddressSlot, App};
+use crate::delivery::registry::{Control, Outgoing, SessionHandle};
+use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
+use crate::runtime::InvokeError;
+
+/// Events a client may send before authenticating.
+const PUBLIC_EVENTS: &[&str] = &["authenticate", "HEALTH_CHECK"];
+const CONNECTED_EVENT: &str = "$connected";
+const DISCONNECTED_EVENT: &str = "$disconnected";
+
+/// A frame as clients send it: `{"event": NAME, "data": VALUE}`.
+#[derive(Deserialize)]
+struct ClientFrame<'a> {
+    event: String,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+struct PendingTimer {
+    due: Instant,
+    event: String,
+    data: String,
+    fire_on_close: bool,
+}
+
+/// Token bucket for the per-connection frame rate.
+struct FrameBudget {
+    tokens: f64,
+    capacity: f64,
+    per_second: f64,
+    refilled: Instant,
+}
+
+impl FrameBudget {
+    fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second);
+        Self {
+            tokens: per_second * 2.0,
+            capacity: per_second * 2.0,
+            per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why the session loop ended.
+enum End {
+    /// The client closed or the socket failed.
+    ClientGone,
+    /// The server closed with this code.
+    Closed(u16),
+}
+
+pub struct Session {
+    app: Arc<App>,
+    id: String,
+    remote: SocketAddr,
+    user_id: Option<String>,
+    expires_at_ms: u64,
+    epoch: u64,
+    replaced: bool,
+    closing: Option<u16>,
+    outgoing: mpsc::Sender<Outgoing>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    timers: HashMap<String, PendingTimer>,
+    /// Host-raised events queued by effects, run after the current batch.
+    pending: VecDeque<(String, String, EventSource)>,
+    last_activity: Instant,
+    budget: FrameBudget,
+    _slot: AddressSlot,
+}
+
+fn now_ms() -> u64 {
+    chrono::Utc::now().timestamp_millis().max(0) as u64
+}
+
+/// Builds the JSON text frame `{"event": NAME, "data": DATA}`; `data` is JSON
+/// text already.
+pub fn frame(event: &str, data: &str) -> Utf8Bytes {
+    let name = serde_json::to_string(event).unwrap_or_else(|_| "\"\"".to_string());
+    Utf8Bytes::from(format!("{{\"event\":{name},\"data\":{data}}}"))
+}
+
+fn error_frame(code: &str, message: &str, event: Option<&str>) -> Utf8Bytes {
+    let data = json!({ "code": code, "message": message, "event": event });
+    frame("ERROR", &data.to_string())
+}
+
+/// Checks that a component's `data` is JSON, so a faulty component cannot
+/// send a client something it cannot parse.
+fn checked_data<'a>(component_event: &str, data: &'a str) -> Option<&'a str> {
+    match serde_json::from_str::<&RawValue>(data) {
+        Ok(_) => Some(data),
+        Err(error) => {
+            warn!(event = component_event, cause = %error, "component returned data that is not JSON");
+            None
+        }
+    }
+}
+
+impl Session {
+    /// Runs a session until it ends, then cleans up its presence.
+    pub async fn run(
+        app: Arc<App>,
+        socket: WebSocket,
+        remote: SocketAddr,
+        handshake_token: Option<String>,
+        slot: AddressSlot,
+    ) {
+        let (sink, stream) = socket.split();
+        let (outgoing, outgoing_rx) = mpsc::channel(app.config.send_queue_frames);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(sink, outgoing_rx));
+        let mut session = Session {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            remote,
+            user_id: None,
+            expires_at_ms: 0,
+            epoch: 0,
+            replaced: false,
+            closing: None,
+            outgoing,
+            control_tx,
+            timers: HashMap::new(),
+            pending: VecDeque::new(),
+            last_activity: Instant::now(),
+            budget: FrameBudget::new(app.config.max_events_per_second),
+            _slot: slot,
+            app,
+        };
+        debug!(connection_id = %session.id, remote = %remote, "connection opened");
+
+        if let Some(token) = handshake_token {
+            let data = json!({ "token": token }).to_string();
+            session
+                .dispatch("authenticate", data, EventSource::Host)
+                .await;
+        }
+        let end = match session.closing {
+            Some(code) => End::Closed(code),
+            None => session.read_loop(stream, control_rx).await,
+        };
+        session.finish(end).await;
+        drop(session);
+        let _ = writer.await;
+    }
+
+    async fn read_loop(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> End {
+        let opened = Instant::now();
+        let mut ping = tokio::time::interval(self.app.config.ping_interval());
+        ping.tick().await;
+        let mut shutdown = self.app.shutdown.clone();
+
+        loop {
+            let timer_due = self.timers.values().map(|timer| timer.due).min();
+            let auth_due = match self.user_id {
+                None => opened + self.app.config.auth_timeout(),
+                Some(_) => far_future(),
+            };
+            let expiry_due = match self.user_id {
+                Some(_) => instant_at_ms(self.expires_at_ms),
+                None => far_future(),
+            };
+            let idle_due = self.last_activity + self.app.config.inactivity_timeout();
+
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { return End::ClientGone };
+                    match message {
+                        Ok(message) => self.on_message(message).await,
+                        Err(error) => return self.on_read_error(error),
+                    }
+                }
+                Some(instruction) = control.recv() => match instruction {
+                    Control::Replaced => {
+                        self.replaced = true;
+                        self.close(close::REPLACED, "replaced by a newer connection");
+                    }
+                    Control::SendQueueFull => {
+                        self.close(close::POLICY, "send queue full; the client reads too slowly");
+                    }
+                },
+                _ = sleep_until_opt(timer_due) => self.fire_due_timers().await,
+                _ = sleep_until(auth_due.into()) => {
+                    self.close(close::POLICY, "authentication timed out");
+                }
+                _ = sleep_until(expiry_due.into()) => {
+                    self.close(close::TOKEN_EXPIRED, "token expired");
+                }
+                _ = sleep_until(idle_due.into()) => {
+                    self.close(close::INACTIVE, "no activity");
+                }
+                _ = ping.tick() => {
+                    let _ = self.outgoing.try_send(Outgoing::Ping);
+                }
+                _ = shutdown.changed() => {
+                    self.close(close::RESTARTING, "server restarting");
+                }
+            }
+            if let Some(code) = self.closing {
+                return End::Closed(code);
+            }
+        }
+    }
+
+    fn on_read_error(&mut self, error: axum::Error) -> End {
+        let text = error.to_string();
+        let source = error.into_inner();
+        let (code, reason) = match source.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => (close::TOO_LARGE, "frame too large"),
+            Some(tungstenite::Error::Utf8(_)) => (close::INVALID_UTF8, "invalid UTF-8"),
+            Some(tungstenite::Error::Protocol(_)) => (close::PROTOCOL, "protocol error"),
+            _ => {
+                debug!(connection_id = %self.id, cause = %text, "socket read failed");
+                return End::ClientGone;
+            }
+        };
+        debug!(connection_id = %self.id, cause = %text, code, "closing after a bad frame");
+        self.close(code, reason);
+        End::Closed(code)
+    }
+
+    async fn on_message(&mut self, message: Message) {
+        self.last_activity = Instant::now();
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                self.reply(error_frame(
+                    "INVALID_FRAME",
+                    "binary frames are not supported; send JSON text",
+                    None,
+                ));
+                return;
+            }
+            Message::Ping(_) | Message::Pong(_) => return,
+            Message::Close(_) => {
+                self.closing = Some(close::NORMAL);
+                return;
+            }
+        };
+        if !self.budget.take() {
+            self.reply(error_frame(
+                "RATE_LIMITED",
+                "too many frames; slow down",
+                None,
+            ));
+            return;
+        }
+        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let message =
+                    format!("frame is not a JSON object with a string \"event\": {error}");
+                self.reply(error_frame("INVALID_JSON", &message, None));
+                return;
+            }
+        };
+        let event = frame.event;
+        let data = frame.data.map_or("null", RawValue::get).to_string();
+
+        if event.starts_with('$') || !self.app.manifest.events.contains_key(&event) {
+            let message = format!("unknown event {event:?}");
+            self.reply(error_frame("UNKNOWN_EVENT", &message, Some(&event)));
+            return;
+        }
+        if self.user_id.is_none() && !PUBLIC_EVENTS.contains(&event.as_str()) {
+            self.reply(error_frame(
+                "UNAUTHENTICATED",
+                "authenticate before sending this event",
+                Some(&event),
+            ));
+            return;
+        }
+        self.dispatch(&event, data, EventSource::Client).await;
+    }
+
+    fn connection_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            id: self.id.clone(),
+            instance_id: self.app.instance_id.clone(),
+            user_id: self.user_id.clone(),
+            expires_at_ms: self.expires_at_ms,
+            remote_addr: self.remote.to_string(),
+            now_ms: now_ms(),
+        }
+    }
+
+    /// Runs an event through its components, then the host events its
+    /// effects queued.
+    async fn dispatch(&mut self, event: &str, data: String, source: EventSource) {
+        self.pending.push_back((event.to_string(), data, source));
+        while let Some((event, data, source)) = self.pending.pop_front() {
+            self.dispatch_one(&event, data, source).await;
+        }
+    }
+
+    async fn dispatch_one(&mut self, event_name: &str, data: String, source: EventSource) {
+        let Some(targets) = self.app.manifest.events.get(event_name).cloned() else {
+            if source != EventSource::Client {
+                debug!(event = event_name, "no component handles this host event");
+            }
+            return;
+        };
+        let event = Event {
+            name: event_name.to_string(),
+            data,
+            source,
+        };
+        for component in &targets {
+            let connection = self.connection_info();
+            let started = Instant::now();
+            let outcome = self
+                .app
+                .runtime
+                .invoke(component, &connection, &event)
+                .await;
+            let elapsed_us = started.elapsed().as_micros() as u64;
+            match outcome {
+                Ok(effects) => {
+                    debug!(
+                        event = event_name,
+                        component,
+                        elapsed_us,
+                        effects = effects.len(),
+                        "event handled"
+                    );
+                    self.apply(event_name, effects).await;
+                }
+                Err(error) => self.on_invoke_error(event_name, component, source, error),
+            }
+        }
+    }
+
+    fn on_invoke_error(
+        &mut self,
+        event: &str,
+        component: &str,
+        source: EventSource,
+        error: InvokeError,
+    ) {
+        let (code, message) = match &error {
+            InvokeError::Rejected(rejection) => (rejection.code.clone(), rejection.message.clone()),
+            InvokeError::Trapped(cause) => {
+                warn!(event, component, connection_id = %self.id, cause = %cause, "handler trapped");
+                (
+                    "HANDLER_FAILED".to_string(),
+                    "the event handler failed; the event was not carried out".to_string(),
+                )
+            }
+            InvokeError::DeadlineExceeded => {
+                warn!(event, component, connection_id = %self.id, "handler ran past its deadline");
+                (
+                    "HANDLER_TIMEOUT".to_string(),
+                    "the event handler timed out; the event was not carried out".to_string(),
+                )
+            }
+            InvokeError::Unavailable(cause) => {
+                warn!(event, component, connection_id = %self.id, cause = %cause, "handler unavailable");
+                (
+                    "INTERNAL_ERROR".to_string(),
+                    "the event could not be handled; retry".to_string(),
+                )
+            }
+        };
+        // Host-raised events have no client request to answer.
+        if source == EventSource::Client || event == "authenticate" {
+            self.reply(error_frame(&code, &message, Some(event)));
+        }
+    }
+
+    /// Carries out a handler's effects in order.
+    async fn apply(&mut self, event: &str, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Reply(outbound) => {
+                    if let Some(data) = checked_data(&outbound.event, &outbound.data) {
+                        self.reply(frame(&outbound.event, data));
+                    }
+                }
+                Effect::Deliver(delivery) => {
+                    let Some(data) = checked_data(&delivery.event, &delivery.data) else {
+                        continue;
+                    };
+                    let text = frame(&delivery.event, data);
+                    if let Err(error) = self.app.backplane.deliver(&delivery.user_id, text).await {
+                        warn!(event, user_id = %delivery.user_id, cause = %format!("{error:#}"), "delivery failed");
+                    }
+                }
+                Effect::Broadcast(outbound) => {
+                    let Some(data) = checked_data(&outbound.event, &outbound.data) else {
+                        continue;
+                    };
+                    if let Err(error) = self
+                        .app
+                        .backplane
+                        .broadcast(frame(&outbound.event, data))
+                        .await
+                    {
+                        warn!(event, cause = %format!("{error:#}"), "broadcast failed");
+                    }
+                }
+                Effect::Bind(binding) => {
+                    if !self
+                        .bind(event, binding.user_id, binding.expires_at_ms)
+                        .await
+                    {
+                        // The remaining effects (the success reply) would be false.
+                        return;
+                    }
+                }
+                Effect::Close(frame) => self.close(frame.code, &frame.reason),
+                Effect::StartTimer(timer) => {
+                    let due = Instant::now() + Duration::from_millis(timer.delay_ms);
+                    let pending = PendingTimer {
+                        due,
+                        event: timer.event.event,
+                        data: timer.event.data,
+                        fire_on_close: timer.fire_on_close,
+                    };
+                    self.timers.insert(timer.key, pending);
+                }
+                Effect::CancelTimer(cancel) => {
+                    if let Some(timer) = self.timers.remove(&cancel.key) {
+                        if cancel.fire {
+                            self.pending
+                                .push_back((timer.event, timer.data, EventSource::Timer));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds the connection to a user; returns false when it failed and the
+    /// client was told.
+    async fn bind(&mut self, event: &str, user_id: String, expires_at_ms: u64) -> bool {
+        match &self.user_id {
+            Some(current) if *current == user_id => {
+                self.expires_at_ms = expires_at_ms;
+                debug!(connection_id = %self.id, user_id, "token renewed");
+                return true;
+            }
+            Some(current) => {
+                warn!(connection_id = %self.id, current = %current, requested = %user_id, "component tried to switch the user of a connection");
+                self.reply(error_frame(
+                    "UNAUTHORIZED",
+                    "a connection cannot switch users",
+                    Some(event),
+                ));
+                return false;
+            }
+            None => {}
+        }
+        let bound = match self.app.backplane.bind(&user_id, &self.id).await {
+            Ok(bound) => bound,
+            Err(error) => {
+                warn!(connection_id = %self.id, user_id, cause = %format!("{error:#}"), "bind failed");
+                self.reply(error_frame(
+                    "UNAVAILABLE",
+                    "presence store unavailable; retry",
+                    Some(event),
+                ));
+                return false;
+            }
+        };
+        let handle = SessionHandle {
+            connection_id: self.id.clone(),
+            epoch: bound.epoch,
+            outgoing: self.outgoing.clone(),
+            control: self.control_tx.clone(),
+        };
+        if let Some(previous) = self.app.registry.insert(&user_id, handle) {
+            let _ = previous.control.send(Control::Replaced);
+        }
+        info!(connection_id = %self.id, user_id, epoch = bound.epoch, "connection authenticated");
+        self.user_id = Some(user_id.clone());
+        self.expires_at_ms = expires_at_ms;
+        self.epoch = bound.epoch;
+        let data = json!({ "userId": user_id }).to_string();
+        self.pending
+            .push_back((CONNECTED_EVENT.to_string(), data, EventSource::Host));
+        true
+    }
+
+    async fn fire_due_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .timers
+            .iter()
+            .filter(|(_, timer)| timer.due <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            if let Some(timer) = self.timers.remove(&key) {
+                self.dispatch(&timer.event, timer.data, EventSource::Timer)
+                    .await;
+            }
+        }
+    }
+
+    fn reply(&mut self, text: Utf8Bytes) {
+        match self.outgoing.try_send(Outgoing::Text(text)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(
+                    close::POLICY,
+                    "send queue full; the client reads too slowly",
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Queues a close frame after what is already queued.
+    fn close(&mut self, code: u16, reason: &str) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(code);
+        let _ = self.outgoing.try_send(Outgoing::Close {
+            code,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Runs close-time timers and clears presence unless a newer connection
+    /// replaced this one.
+    async fn finish(&mut self, end: End) {
+        let code = match end {
+            End::ClientGone => None,
+            End::Closed(code) => Some(code),
+        };
+        debug!(connection_id = %self.id, code, "connection closing");
+        let Some(user_id) = self.user_id.clone() else {
+            return;
+        };
+
+        let removed = self.app.registry.remove(&user_id, &self.id);
+        let on_close: Vec<PendingTimer> = self
+            .timers
+            .drain()
+            .map(|(_, timer)| timer)
+            .filter(|timer| timer.fire_on_close)
+            .collect();
+        for timer in on_close {
+            self.dispatch(&timer.event, timer.data, EventSource::Timer)
+                .await;
+        }
+        if self.replaced || !removed {
+            return;
+        }
+        match self
+            .app
+            .backplane
+            .unbind(&user_id, &self.id, self.epoch)
+            .await
+        {
+            Ok(true) => {
+                let data = json!({ "userId": user_id }).to_string();
+                self.dispatch(DISCONNECTED_EVENT, data, EventSource::Host)
+                    .await;
+            }
+            Ok(false) => {}
+            Err(error) => {
+                warn!(connection_id = %self.id, user_id, cause = %format!("{error:#}"), "failed to clear presence; it expires with its TTL");
+            }
+        }
+        self.app.backplane.unsubscribe_user(&user_id).await;
+        info!(connection_id = %self.id, user_id, "connection closed");
+    }
+}
+
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut frames: mpsc::Receiver<Outgoing>,
+) {
+    while let Some(frame) = frames.recv().await {
+        let result = match frame {
+            Outgoing::Text(text) => sink.send(Message::Text(text)).await,
+            Outgoing::Ping => sink.send(Message::Ping(Default::default())).await,
+            Outgoing::Close { code, reason } => {
+                let close = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from(reason),
+                };
+                let _ = sink.send(Message::Close(Some(close))).await;
+                break;
+            }
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+fn instant_at_ms(at_ms: u64) -> Instant {
+    let now = now_ms();
+    Instant::now() + Duration::from_millis(at_ms.saturating_sub(now))
+}
+
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(due) => sleep_until(TokioInstant::from_std(due)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,372 @@
+//! The Wasmtime side of the host: the engine, loading and pre-instantiating
+//! components, and running one fresh instance per event or HTTP request.
+//!
+//! Nothing here knows about sockets; callers pass an event in and get
+//! effects back.
+
+pub mod bindings;
+pub mod http;
+pub mod outbound;
+pub mod postgres;
+pub mod redis;
+pub mod state;
+pub mod variables;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap,
+    UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::WasiHttpCtx;
+
+use crate::config::Config;
+use crate::manifest::{expand_template, Manifest};
+use bindings::{ChatHostPre, ConnectionInfo, Effect, Event, HandlerError};
+use outbound::{url_host_port, OutboundPolicy};
+use state::{Backends, ComponentContext, State};
+
+/// Interval of the epoch ticker that enforces guest deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// A component compiled and pre-instantiated against the host's linker.
+pub struct LoadedComponent {
+    pub id: String,
+    /// SHA-256 of the `.wasm` file, in hex.
+    pub digest: String,
+    context: Arc<ComponentContext>,
+    handler: ChatHostPre<State>,
+    proxy: ProxyPre<State>,
+}
+
+/// Why an event produced no effects.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The handler rejected the event with a typed error.
+    #[error("{}: {}", .0.code, .0.message)]
+    Rejected(HandlerError),
+    /// The guest trapped (a panic, an out-of-bounds access, memory cap).
+    #[error("handler trapped: {0}")]
+    Trapped(String),
+    /// The guest ran past its computation deadline.
+    #[error("handler ran past its deadline")]
+    DeadlineExceeded,
+    /// No component handles the event, or it failed to instantiate.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub struct Runtime {
+    engine: Engine,
+    components: HashMap<String, Arc<LoadedComponent>>,
+    backends: Arc<Backends>,
+    permits: Semaphore,
+    deadline: Duration,
+    memory_cap: usize,
+}
+
+impl Runtime {
+    /// Builds the engine and loads every component of the manifest.
+    pub fn load(
+        manifest: &Manifest,
+        config: &Config,
+        backends: Arc<Backends>,
+    ) -> anyhow::Result<Self> {
+        let memory_cap = config.instance_memory_mib * 1024 * 1024;
+        let engine = build_engine(config, memory_cap)?;
+        start_epoch_ticker(&engine);
+
+        let mut linker: Linker<State> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        bindings::ChatHost::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
+            &mut linker,
+            |state| state,
+        )?;
+
+        let app_variables = resolve_app_variables(manifest, config)?;
+        let mut components = HashMap::new();
+        for spec in &manifest.components {
+            let started = Instant::now();
+            let bytes = std::fs::read(&spec.source).with_context(|| {
+                format!(
+                    "failed to read component {} from {}; build the components first",
+                    spec.id,
+                    spec.source.display()
+                )
+            })?;
+            let digest = hex::encode(Sha256::digest(&bytes));
+            let component = Component::new(&engine, &bytes)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("failed to compile component {}", spec.id))?;
+            let pre = linker
+                .instantiate_pre(&component)
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "component {} imports what the host does not provide",
+                        spec.id
+                    )
+                })?;
+            let handler = ChatHostPre::new(pre.clone())
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "component {} does not export {}",
+                        spec.id, manifest.interface
+                    )
+                })?;
+            let proxy = ProxyPre::new(pre)
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "component {} does not export wasi:http/incoming-handler",
+                        spec.id
+                    )
+                })?;
+
+            let mut variables = HashMap::new();
+            for (name, template) in &spec.variables {
+                let value = expand_template(template, &app_variables)
+                    .with_context(|| format!("component {} variable {name}", spec.id))?;
+                variables.insert(name.clone(), value);
+            }
+            let allowed: Vec<String> = spec
+                .allowed_outbound_hosts
+                .iter()
+                .map(|entry| expand_template(entry, &app_variables))
+                .collect::<anyhow::Result<_>>()?;
+            let outbound = OutboundPolicy::new(&allowed)
+                .with_context(|| format!("component {} allowed_outbound_hosts", spec.id))?;
+
+            info!(
+                component = %spec.id,
+                digest = %&digest[..12],
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "component loaded"
+            );
+            let context = Arc::new(ComponentContext {
+                id: spec.id.clone(),
+                variables,
+                outbound,
+            });
+            let loaded = LoadedComponent {
+                id: spec.id.clone(),
+                digest,
+                context,
+                handler,
+                proxy,
+            };
+            components.insert(spec.id.clone(), Arc::new(loaded));
+        }
+
+        Ok(Self {
+            engine,
+            components,
+            backends,
+            permits: Semaphore::new(config.max_concurrent_instances as usize),
+            deadline: config.handler_deadline(),
+            memory_cap,
+        })
+    }
+
+    pub fn components(&self) -> impl Iterator<Item = &Arc<LoadedComponent>> {
+        self.components.values()
+    }
+
+    fn component(&self, id: &str) -> anyhow::Result<Arc<LoadedComponent>> {
+        self.components
+            .get(id)
+            .cloned()
+            .with_context(|| format!("component {id} is not loaded"))
+    }
+
+    fn new_store(&self, loaded: &LoadedComponent) -> Store<State> {
+        let wasi = WasiCtxBuilder::new()
+            .inherit_stderr()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.memory_cap)
+            .instances(16)
+            .tables(64)
+            .memories(8)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = State {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits,
+            component: loaded.context.clone(),
+            backends: self.backends.clone(),
+            io_time: Duration::ZERO,
+            started: Instant::now(),
+            deadline: self.deadline,
+            open_connections: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(ticks_for(self.deadline));
+        // The epoch deadline counts wall time; when it passes, the guest's
+        // own computation time (wall time minus host I/O) decides whether
+        // it really ran out. Yielding lets other connections' work run.
+        store.epoch_deadline_callback(|context| {
+            let state = context.data();
+            let used = state.guest_time();
+            if used >= state.deadline {
+                return Err(Trap::Interrupt.into());
+            }
+            Ok(UpdateDeadline::Yield(ticks_for(state.deadline - used)))
+        });
+        store
+    }
+
+    /// Handles one event on a fresh instance of `component`.
+    pub async fn invoke(
+        &self,
+        component: &str,
+        connection: &ConnectionInfo,
+        event: &Event,
+    ) -> Result<Vec<Effect>, InvokeError> {
+        let loaded = self
+            .component(component)
+            .map_err(|error| InvokeError::Unavailable(error.to_string()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| InvokeError::Unavailable("runtime is shutting down".to_string()))?;
+        let mut store = self.new_store(&loaded);
+        let instance = loaded
+            .handler
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|error| {
+                warn!(component, cause = %format!("{error:#}"), "instantiation failed");
+                InvokeError::Unavailable(format!("component {component} could not start"))
+            })?;
+        let outcome = instance
+            .nexus_chat_handler()
+            .call_handle(&mut store, connection, event)
+            .await;
+        match outcome {
+            Ok(Ok(effects)) => Ok(effects),
+            Ok(Err(rejection)) => Err(InvokeError::Rejected(rejection)),
+            Err(error) => {
+                if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    Err(InvokeError::DeadlineExceeded)
+                } else {
+                    Err(InvokeError::Trapped(format!("{error:#}")))
+                }
+            }
+        }
+    }
+}
+
+fn ticks_for(duration: Duration) -> u64 {
+    (duration.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+fn build_engine(config: &Config, memory_cap: usize) -> anyhow::Result<Engine> {
+    let max_instances = config.max_concurrent_instances;
+    let mut pool = PoolingAllocationConfig::default();
+    // A Rust component has one or two core instances, memories and tables;
+    // the pool reserves room for a few of each per component instance.
+    pool.total_component_instances(max_instances)
+        .total_core_instances(max_instances * 4)
+        .total_memories(max_instances * 2)
+        .total_tables(max_instances * 4)
+        .max_memories_per_component(4)
+        .max_tables_per_component(8)
+        .max_core_instances_per_component(16)
+        .max_memory_size(memory_cap);
+
+    let cache = match &config.compile_cache_dir {
+        Some(dir) if dir.as_os_str().is_empty() => None,
+        dir => {
+            let mut cache_config = wasmtime::CacheConfig::new();
+            if let Some(dir) = dir {
+                cache_config.with_directory(dir);
+            }
+            Some(wasmtime::Cache::new(cache_config).map_err(anyhow::Error::from)?)
+        }
+    };
+    let mut config = wasmtime::Config::new();
+    config
+        .cache(cache)
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+        .map_err(anyhow::Error::from)
+        .context("failed to create the Wasmtime engine")
+}
+
+fn start_epoch_ticker(engine: &Engine) {
+    let engine = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".to_string())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
+            }
+        })
+        .expect("failed to start the epoch ticker thread");
+}
+
+/// Resolves the application variables of `spin.toml`: `SPIN_VARIABLE_<NAME>`
+/// first, then the host settings mapped onto them, then the default.
+pub fn resolve_app_variables(
+    manifest: &Manifest,
+    config: &Config,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let redis_url = config.redis_url();
+    let mut mapped: BTreeMap<&str, String> = BTreeMap::new();
+    if let Some(secret) = &config.jwt_secret {
+        mapped.insert("jwt_secret", secret.clone());
+    }
+    mapped.insert("database_url", config.database_url.clone());
+    mapped.insert("redis_url", redis_url.clone());
+    if let Some((host, port)) = url_host_port(&redis_url) {
+        mapped.insert("redis_host", host);
+        mapped.insert("redis_port", port.to_string());
+    }
+    if let Some((host, port)) = url_host_port(&config.database_url) {
+        mapped.insert("postgres_host", host);
+        mapped.insert("postgres_port", port.to_string());
+    }
+    mapped.insert("presence_ttl_s", config.presence_ttl_s.to_string());
+
+    let mut values = BTreeMap::new();
+    for (name, variable) in &manifest.variables {
+        let from_env = std::env::var(format!("SPIN_VARIABLE_{}", name.to_ascii_uppercase())).ok();
+        let value = from_env
+            .or_else(|| mapped.get(name.as_str()).cloned())
+            .or_else(|| variable.default.clone());
+        match value {
+            Some(value) => {
+                values.insert(name.clone(), value);
+            }
+            None if variable.required => bail!(
+                "variable {name} is required; set SPIN_VARIABLE_{}",
+                name.to_ascii_uppercase()
+            ),
+            None => {}
+        }
+    }
+    Ok(values)
+}

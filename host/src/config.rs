@@ -113,6 +113,16 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_TTL_S", default_value_t = 60)]
     pub presence_ttl_s: u64,
 
+    /// Interval between this instance's heartbeats in Redis, in ms. Every
+    /// instance also checks the others' heartbeats at this interval.
+    #[arg(long, env = "INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
+    pub instance_heartbeat_ms: u64,
+
+    /// Time without a heartbeat after which an instance counts as dead and
+    /// its users are announced offline, in ms.
+    #[arg(long, env = "INSTANCE_TTL_MS", default_value_t = 6_000)]
+    pub instance_ttl_ms: u64,
+
     /// Frames queued for one client before it counts as a slow consumer and
     /// is closed.
     #[arg(long, env = "SEND_QUEUE_FRAMES", default_value_t = 1024)]
@@ -138,6 +148,9 @@ impl Config {
         }
         if self.presence_ttl_s < 3 {
             bail!("PRESENCE_TTL_S must be at least 3 seconds");
+        }
+        if self.instance_ttl_ms <= self.instance_heartbeat_ms {
+            bail!("INSTANCE_TTL_MS must be longer than INSTANCE_HEARTBEAT_MS");
         }
         if self.max_events_per_second == 0 {
             bail!("MAX_EVENTS_PER_SECOND must be at least 1");

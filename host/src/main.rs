@@ -3,6 +3,7 @@
 mod app;
 mod config;
 mod delivery;
+mod lifecycle;
 mod manifest;
 mod migrate;
 mod net;
@@ -137,6 +138,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     backplane.spawn_refresh();
+    let (offline_tx, offline_rx) = tokio::sync::mpsc::unbounded_channel();
+    backplane.spawn_heartbeat(
+        Duration::from_millis(config.instance_heartbeat_ms),
+        Duration::from_millis(config.instance_ttl_ms),
+        offline_tx,
+    );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let address: SocketAddr = format!("{}:{}", config.bind_address, config.port)
@@ -152,6 +159,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         instance_id,
         shutdown_rx,
     ));
+
+    lifecycle::spawn_offline_announcer(app.clone(), offline_rx);
 
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -175,6 +184,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(result) => result??,
         Err(_) => info!("connections still open after 10 s; exiting"),
     }
+    app.backplane.retire().await;
     info!("stopped");
     Ok(())
 }

@@ -33,6 +33,20 @@ fn epoch_key(user_id: &str) -> String {
     format!("nexus:epoch:{user_id}")
 }
 
+const INSTANCES_KEY: &str = "nexus:instances";
+
+fn instance_key(instance_id: &str) -> String {
+    format!("nexus:instance:{instance_id}")
+}
+
+fn instance_users_key(instance_id: &str) -> String {
+    format!("nexus:instance-users:{instance_id}")
+}
+
+fn reaping_key(instance_id: &str) -> String {
+    format!("nexus:reaping:{instance_id}")
+}
+
 /// Makes the connection the user's current one: a new epoch, the owner
 /// record, and the online set. Returns the epoch and the previous owner.
 const BIND_SCRIPT: &str = r"
@@ -40,6 +54,7 @@ local epoch = redis.call('INCR', KEYS[1])
 local previous = redis.call('GET', KEYS[2])
 redis.call('SET', KEYS[2], ARGV[1] .. '|' .. epoch, 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[4])
 if previous then return {epoch, previous} end
 return {epoch}
 ";
@@ -47,6 +62,7 @@ return {epoch}
 /// Removes the owner record and the online entry if the connection is still
 /// the user's current one. Returns 1 when it was.
 const UNBIND_SCRIPT: &str = r"
+redis.call('SREM', KEYS[3], ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -55,14 +71,30 @@ end
 return 0
 ";
 
-/// Extends the owner record and the online score of a current connection.
+/// Extends the owner record and the online score of a current connection,
+/// and writes them again when they are missing (Redis restarted empty).
 const REFRESH_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] or not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('SADD', KEYS[3], ARGV[4])
   return 1
 end
 return 0
+";
+
+/// Clears a user of a dead instance unless the user has since connected
+/// elsewhere. Returns 1 when the user went offline.
+const REAP_SCRIPT: &str = r"
+local owner = redis.call('GET', KEYS[1])
+if owner then
+  if string.sub(owner, 1, string.len(ARGV[1])) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return 1
+end
+return redis.call('ZREM', KEYS[2], ARGV[2])
 ";
 
 /// Payload prefixes on a user channel.
@@ -186,6 +218,7 @@ impl Backplane {
             .key(epoch_key(user_id))
             .key(owner_key(user_id))
             .key(ONLINE_KEY)
+            .key(instance_users_key(&self.instance_id))
             .arg(&owner)
             .arg(self.presence_ttl.as_millis() as u64)
             .arg(now_ms())
@@ -228,6 +261,7 @@ impl Backplane {
             .unbind_script
             .key(owner_key(user_id))
             .key(ONLINE_KEY)
+            .key(instance_users_key(&self.instance_id))
             .arg(owner)
             .arg(user_id)
             .invoke_async(&mut commands)
@@ -279,9 +313,10 @@ impl Backplane {
                 let owner = format!("{}|{connection}|{epoch}", self.instance_id);
                 pipe.cmd("EVAL")
                     .arg(REFRESH_SCRIPT)
-                    .arg(2)
+                    .arg(3)
                     .arg(owner_key(user))
                     .arg(ONLINE_KEY)
+                    .arg(instance_users_key(&self.instance_id))
                     .arg(owner)
                     .arg(ttl_ms)
                     .arg(now)
@@ -295,6 +330,126 @@ impl Backplane {
             .zrembyscore::<_, _, _, ()>(ONLINE_KEY, "-inf", format!("({stale_before}"))
             .await?;
         Ok(())
+    }
+
+    /// Forgets a replaced connection's user in this instance's user set.
+    pub async fn forget_user(&self, user_id: &str) {
+        if self.registry.contains(user_id) {
+            return;
+        }
+        let mut commands = self.commands.clone();
+        let key = instance_users_key(&self.instance_id);
+        if let Err(error) = commands.srem::<_, _, ()>(key, user_id).await {
+            debug!(user_id, cause = %error, "failed to drop the user from the instance set");
+        }
+    }
+
+    /// Publishes this instance's heartbeat every `interval`, and reaps the
+    /// users of instances whose heartbeat expired: each user that did not
+    /// connect elsewhere is sent on `offline` to be announced as offline.
+    pub fn spawn_heartbeat(
+        self: &Arc<Self>,
+        interval: Duration,
+        ttl: Duration,
+        offline: mpsc::UnboundedSender<String>,
+    ) {
+        let backplane = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(backplane) = backplane.upgrade() else { break };
+                if let Err(error) = backplane.beat(ttl).await {
+                    warn!(cause = %format!("{error:#}"), "instance heartbeat failed");
+                    continue;
+                }
+                match backplane.reap_dead_instances(ttl).await {
+                    Ok(users) => {
+                        for user in users {
+                            let _ = offline.send(user);
+                        }
+                    }
+                    Err(error) => warn!(cause = %format!("{error:#}"), "reaping dead instances failed"),
+                }
+            }
+        });
+    }
+
+    async fn beat(&self, ttl: Duration) -> anyhow::Result<()> {
+        let mut commands = self.commands.clone();
+        redis::pipe()
+            .set_options(
+                instance_key(&self.instance_id),
+                now_ms(),
+                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64)),
+            )
+            .ignore()
+            .sadd(INSTANCES_KEY, &self.instance_id)
+            .ignore()
+            .query_async::<()>(&mut commands)
+            .await?;
+        Ok(())
+    }
+
+    async fn reap_dead_instances(&self, ttl: Duration) -> anyhow::Result<Vec<String>> {
+        let mut commands = self.commands.clone();
+        let instances: Vec<String> = commands.smembers(INSTANCES_KEY).await?;
+        let mut offline = Vec::new();
+        for instance in instances {
+            if instance == self.instance_id {
+                continue;
+            }
+            let alive: bool = commands.exists(instance_key(&instance)).await?;
+            if alive {
+                continue;
+            }
+            // One surviving instance reaps each dead one.
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(reaping_key(&instance))
+                .arg(&self.instance_id)
+                .arg("NX")
+                .arg("PX")
+                .arg((ttl * 5).as_millis() as u64)
+                .query_async(&mut commands)
+                .await?;
+            if claimed.is_none() {
+                continue;
+            }
+            let users: Vec<String> = commands.smembers(instance_users_key(&instance)).await?;
+            let prefix = format!("{instance}|");
+            let reap = Script::new(REAP_SCRIPT);
+            for user in &users {
+                let went_offline: i64 = reap
+                    .key(owner_key(user))
+                    .key(ONLINE_KEY)
+                    .arg(&prefix)
+                    .arg(user)
+                    .invoke_async(&mut commands)
+                    .await?;
+                if went_offline == 1 {
+                    offline.push(user.clone());
+                }
+            }
+            redis::pipe()
+                .del(instance_users_key(&instance))
+                .ignore()
+                .srem(INSTANCES_KEY, &instance)
+                .ignore()
+                .query_async::<()>(&mut commands)
+                .await?;
+            info!(instance, users = users.len(), offline = offline.len(), "reaped a dead instance");
+        }
+        Ok(offline)
+    }
+
+    /// Removes this instance's heartbeat at shutdown, so that the other
+    /// instances reap its users who do not reconnect.
+    pub async fn retire(&self) {
+        let mut commands = self.commands.clone();
+        if let Err(error) = commands.del::<_, ()>(instance_key(&self.instance_id)).await {
+            warn!(cause = %error, "failed to remove the instance heartbeat");
+        }
     }
 
     /// Checks that Redis answers.
@@ -355,7 +510,7 @@ async fn route_published(
                 let Ok(epoch) = chars.as_str().parse::<u64>() else {
                     continue;
                 };
-                if let Some(session) = registry.remove_older(user, epoch) {
+                if let Some(session) = registry.replace_older(user, epoch) {
                     info!(user_id = user, connection_id = %session.connection_id, "connection replaced by a newer one");
                     let _ = session.control.send(Control::Replaced);
                     unsubscribe(user);

@@ -12,3 +12,5 @@ pub const REPLACED: u16 = 4001;
 pub const TOKEN_EXPIRED: u16 = 4002;
 /// No frames, pongs included, within the inactivity timeout.
 pub const INACTIVE: u16 = 4003;
+/// The client read too slowly and its send queue filled up.
+pub const SEND_QUEUE_FULL: u16 = 4004;

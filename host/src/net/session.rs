@@ -2,7 +2,9 @@
 //! at a time in arrival order, carries out their effects, and runs the
 //! connection's timers, pings and time limits.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,13 +15,13 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tracing::{debug, info, warn};
 
 use super::close;
 use crate::app::{AddressSlot, App};
-use crate::delivery::registry::{Control, Outgoing, SessionHandle};
+use crate::delivery::registry::{Control, Insert, Outgoing, SessionHandle};
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
 use crate::runtime::InvokeError;
 
@@ -84,6 +86,23 @@ enum End {
     Closed(u16),
 }
 
+/// Live deliveries held back while `$connected` handlers run, so that
+/// messages a handler replays (catch-up) come first and a live copy of the
+/// same frame is dropped.
+struct Staging {
+    frames: mpsc::Receiver<Outgoing>,
+    replayed: HashSet<u64>,
+}
+
+fn frame_hash(frame: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    frame.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Time a closing session gives its writer to flush queued frames.
+const WRITER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Session {
     app: Arc<App>,
     id: String,
@@ -92,7 +111,13 @@ pub struct Session {
     expires_at_ms: u64,
     epoch: u64,
     replaced: bool,
+    /// Closed because the instance is shutting down: the user's presence
+    /// stays, so a quick reconnect elsewhere shows no offline.
+    restarting: bool,
     closing: Option<u16>,
+    staging: Option<Staging>,
+    /// Tells the writer to stop at once and send this close frame.
+    abort_writer: watch::Sender<Option<(u16, String)>>,
     outgoing: mpsc::Sender<Outgoing>,
     control_tx: mpsc::UnboundedSender<Control>,
     timers: HashMap<String, PendingTimer>,
@@ -143,7 +168,8 @@ impl Session {
         let (sink, stream) = socket.split();
         let (outgoing, outgoing_rx) = mpsc::channel(app.config.send_queue_frames);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(sink, outgoing_rx));
+        let (abort_writer, abort_rx) = watch::channel(None);
+        let writer = tokio::spawn(write_frames(sink, outgoing_rx, abort_rx));
         let mut session = Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
             remote,
@@ -151,7 +177,10 @@ impl Session {
             expires_at_ms: 0,
             epoch: 0,
             replaced: false,
+            restarting: false,
             closing: None,
+            staging: None,
+            abort_writer,
             outgoing,
             control_tx,
             timers: HashMap::new(),
@@ -175,7 +204,10 @@ impl Session {
         };
         session.finish(end).await;
         drop(session);
-        let _ = writer.await;
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer).await.is_err() {
+            abort.abort();
+        }
     }
 
     async fn read_loop(
@@ -213,9 +245,7 @@ impl Session {
                         self.replaced = true;
                         self.close(close::REPLACED, "replaced by a newer connection");
                     }
-                    Control::SendQueueFull => {
-                        self.close(close::POLICY, "send queue full; the client reads too slowly");
-                    }
+                    Control::SendQueueFull => self.drop_slow_consumer(),
                 },
                 _ = sleep_until_opt(timer_due) => self.fire_due_timers().await,
                 _ = sleep_until(auth_due.into()) => {
@@ -231,6 +261,7 @@ impl Session {
                     let _ = self.outgoing.try_send(Outgoing::Ping);
                 }
                 _ = shutdown.changed() => {
+                    self.restarting = true;
                     self.close(close::RESTARTING, "server restarting");
                 }
             }
@@ -328,6 +359,9 @@ impl Session {
         self.pending.push_back((event.to_string(), data, source));
         while let Some((event, data, source)) = self.pending.pop_front() {
             self.dispatch_one(&event, data, source).await;
+            if event == CONNECTED_EVENT {
+                self.release_staged();
+            }
         }
     }
 
@@ -500,15 +534,31 @@ impl Session {
                 return false;
             }
         };
+        let (staged, staged_rx) = mpsc::channel(self.app.config.send_queue_frames);
         let handle = SessionHandle {
             connection_id: self.id.clone(),
             epoch: bound.epoch,
-            outgoing: self.outgoing.clone(),
+            outgoing: staged,
             control: self.control_tx.clone(),
         };
-        if let Some(previous) = self.app.registry.insert(&user_id, handle) {
-            let _ = previous.control.send(Control::Replaced);
+        match self.app.registry.insert(&user_id, handle) {
+            Insert::Current(Some(previous)) => {
+                let _ = previous.control.send(Control::Replaced);
+            }
+            Insert::Current(None) => {}
+            Insert::Superseded => {
+                info!(connection_id = %self.id, user_id, "a newer connection of the user won the race");
+                self.user_id = Some(user_id);
+                self.epoch = bound.epoch;
+                self.replaced = true;
+                self.close(close::REPLACED, "replaced by a newer connection");
+                return false;
+            }
         }
+        self.staging = Some(Staging {
+            frames: staged_rx,
+            replayed: HashSet::new(),
+        });
         info!(connection_id = %self.id, user_id, epoch = bound.epoch, "connection authenticated");
         self.user_id = Some(user_id.clone());
         self.expires_at_ms = expires_at_ms;
@@ -536,16 +586,47 @@ impl Session {
     }
 
     fn reply(&mut self, text: Utf8Bytes) {
+        if let Some(staging) = &mut self.staging {
+            staging.replayed.insert(frame_hash(text.as_str()));
+        }
+        self.send_now(text);
+    }
+
+    fn send_now(&mut self, text: Utf8Bytes) {
         match self.outgoing.try_send(Outgoing::Text(text)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(
-                    close::POLICY,
-                    "send queue full; the client reads too slowly",
-                );
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.drop_slow_consumer(),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Points live deliveries at the writer again and sends what arrived
+    /// while `$connected` handlers ran, minus frames they already replayed.
+    fn release_staged(&mut self) {
+        let Some(mut staging) = self.staging.take() else { return };
+        if let Some(user_id) = &self.user_id {
+            self.app.registry.redirect(user_id, &self.id, self.outgoing.clone());
+        }
+        // Frames sent before the redirect are all in the channel now.
+        while let Ok(frame) = staging.frames.try_recv() {
+            if let Outgoing::Text(text) = frame {
+                if !staging.replayed.contains(&frame_hash(text.as_str())) {
+                    self.send_now(text);
+                }
+            }
+        }
+    }
+
+    /// Closes a client whose send queue is full: the writer stops at once
+    /// and tries to send the close frame.
+    fn drop_slow_consumer(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        warn!(connection_id = %self.id, user_id = ?self.user_id, "send queue full; closing the connection");
+        self.closing = Some(close::SEND_QUEUE_FULL);
+        let reason = "send queue full; the client reads too slowly".to_string();
+        let _ = self.abort_writer.send(Some((close::SEND_QUEUE_FULL, reason)));
     }
 
     /// Queues a close frame after what is already queued.
@@ -572,6 +653,7 @@ impl Session {
             return;
         };
 
+        self.release_staged();
         let removed = self.app.registry.remove(&user_id, &self.id);
         let on_close: Vec<PendingTimer> = self
             .timers
@@ -584,6 +666,12 @@ impl Session {
                 .await;
         }
         if self.replaced || !removed {
+            self.app.backplane.forget_user(&user_id).await;
+            return;
+        }
+        if self.restarting {
+            // The instance's heartbeat goes away at exit; another instance
+            // announces the user offline unless the user reconnects first.
             return;
         }
         match self
@@ -610,25 +698,44 @@ impl Session {
 async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut frames: mpsc::Receiver<Outgoing>,
+    mut abort: watch::Receiver<Option<(u16, String)>>,
 ) {
-    while let Some(frame) = frames.recv().await {
-        let result = match frame {
-            Outgoing::Text(text) => sink.send(Message::Text(text)).await,
-            Outgoing::Ping => sink.send(Message::Ping(Default::default())).await,
+    loop {
+        let frame = tokio::select! {
+            frame = frames.recv() => frame,
+            _ = abort.changed() => break,
+        };
+        let Some(frame) = frame else { break };
+        let message = match frame {
+            Outgoing::Text(text) => Message::Text(text),
+            Outgoing::Ping => Message::Ping(Default::default()),
             Outgoing::Close { code, reason } => {
                 let close = CloseFrame {
                     code,
                     reason: Utf8Bytes::from(reason),
                 };
                 let _ = sink.send(Message::Close(Some(close))).await;
-                break;
+                let _ = sink.close().await;
+                return;
             }
         };
-        if result.is_err() {
-            break;
+        let sent = tokio::select! {
+            sent = sink.send(message) => sent.is_ok(),
+            _ = abort.changed() => break,
+        };
+        if !sent {
+            return;
         }
     }
-    let _ = sink.close().await;
+    let pending_close = abort.borrow().clone();
+    if let Some((code, reason)) = pending_close {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
 fn far_future() -> Instant {

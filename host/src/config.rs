@@ -12,23 +12,24 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// TCP port for WebSockets and HTTP routes.
-    #[arg(long, env = "PORT", default_value_t = 3000)]
+    #[arg(global = true, long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
 
     /// Address to bind.
-    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
+    #[arg(global = true, long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
     pub bind_address: String,
 
     /// Path of the Spin manifest that lists the components and event routes.
-    #[arg(long, env = "NEXUS_MANIFEST", default_value = "spin.toml")]
+    #[arg(global = true, long, env = "NEXUS_MANIFEST", default_value = "spin.toml")]
     pub manifest: PathBuf,
 
     /// HS256 secret for tokens, at least 32 characters.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(global = true, long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// Postgres connection URL.
     #[arg(
+        global = true,
         long,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/nexus_chat",
@@ -37,19 +38,20 @@ pub struct Config {
     pub database_url: String,
 
     /// Full Redis URL; when unset it is built from the REDIS_* parts.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    #[arg(global = true, long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-    #[arg(long, env = "REDIS_HOST", default_value = "127.0.0.1")]
+    #[arg(global = true, long, env = "REDIS_HOST", default_value = "127.0.0.1")]
     pub redis_host: String,
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    #[arg(global = true, long, env = "REDIS_PORT", default_value_t = 6379)]
     pub redis_port: u16,
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    #[arg(global = true, long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
-    #[arg(long, env = "REDIS_DB", default_value_t = 0)]
+    #[arg(global = true, long, env = "REDIS_DB", default_value_t = 0)]
     pub redis_db: u32,
 
     /// Comma-separated origins allowed to open WebSockets from a browser.
     #[arg(
+        global = true,
         long,
         env = "FRONTEND_URLS",
         default_value = "http://localhost:3000,http://localhost:3001"
@@ -58,84 +60,91 @@ pub struct Config {
 
     /// `development` (readable logs, `token` command) or `production` (JSON
     /// logs).
-    #[arg(long, env = "NODE_ENV", default_value = "development")]
+    #[arg(global = true, long, env = "NODE_ENV", default_value = "development")]
     pub node_env: String,
 
     /// Instance id; a random one is chosen when unset.
-    #[arg(long, env = "NEXUS_INSTANCE_ID")]
+    #[arg(global = true, long, env = "NEXUS_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
     /// Largest accepted WebSocket frame or message, in bytes (close 1009).
-    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    #[arg(global = true, long, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
     pub max_frame_bytes: usize,
 
     /// Time a new connection has to authenticate, in ms (close 1008).
-    #[arg(long, env = "AUTH_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(global = true, long, env = "AUTH_TIMEOUT_MS", default_value_t = 10_000)]
     pub auth_timeout_ms: u64,
 
     /// Time without any frame, pongs included, before close 4003, in ms.
-    #[arg(long, env = "INACTIVITY_TIMEOUT_MS", default_value_t = 300_000)]
+    #[arg(global = true, long, env = "INACTIVITY_TIMEOUT_MS", default_value_t = 300_000)]
     pub inactivity_timeout_ms: u64,
 
     /// Interval between server pings, in ms.
-    #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 25_000)]
+    #[arg(global = true, long, env = "PING_INTERVAL_MS", default_value_t = 25_000)]
     pub ping_interval_ms: u64,
 
     /// Guest computation allowed per event, in ms. Host I/O is not counted;
     /// it has its own timeouts.
-    #[arg(long, env = "HANDLER_DEADLINE_MS", default_value_t = 2_000)]
+    #[arg(global = true, long, env = "HANDLER_DEADLINE_MS", default_value_t = 2_000)]
     pub handler_deadline_ms: u64,
 
     /// Timeout of one Redis or Postgres call made for a component, in ms.
-    #[arg(long, env = "IO_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(global = true, long, env = "IO_TIMEOUT_MS", default_value_t = 5_000)]
     pub io_timeout_ms: u64,
 
     /// Linear memory cap per component instance, in MiB.
-    #[arg(long, env = "INSTANCE_MEMORY_MIB", default_value_t = 32)]
+    #[arg(global = true, long, env = "INSTANCE_MEMORY_MIB", default_value_t = 32)]
     pub instance_memory_mib: usize,
 
     /// Component instances that may run at once; the pooling allocator
     /// reserves slots for this many.
-    #[arg(long, env = "MAX_CONCURRENT_INSTANCES", default_value_t = 256)]
+    #[arg(global = true, long, env = "MAX_CONCURRENT_INSTANCES", default_value_t = 256)]
     pub max_concurrent_instances: u32,
 
     /// Average frames per second one connection may send; bursts may reach
     /// twice this.
-    #[arg(long, env = "MAX_EVENTS_PER_SECOND", default_value_t = 20)]
+    #[arg(global = true, long, env = "MAX_EVENTS_PER_SECOND", default_value_t = 20)]
     pub max_events_per_second: u32,
 
+    /// Whether the host sits behind a proxy that appends the client address
+    /// to `X-Forwarded-For`; the last entry then counts as the client's
+    /// address. Leave off when clients connect directly, because they can
+    /// set the header themselves.
+    #[arg(global = true, long, env = "TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
+
     /// Open connections allowed from one remote IP address.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 5_000)]
+    #[arg(global = true, long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 5_000)]
     pub max_connections_per_ip: usize,
 
     /// Lifetime of a presence record that its instance stops refreshing, in
     /// seconds. The host refreshes records every third of this.
-    #[arg(long, env = "PRESENCE_TTL_S", default_value_t = 60)]
+    #[arg(global = true, long, env = "PRESENCE_TTL_S", default_value_t = 60)]
     pub presence_ttl_s: u64,
 
     /// Interval between this instance's heartbeats in Redis, in ms. Every
     /// instance also checks the others' heartbeats at this interval.
-    #[arg(long, env = "INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
+    #[arg(global = true, long, env = "INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
     pub instance_heartbeat_ms: u64,
 
     /// Time without a heartbeat after which an instance counts as dead and
     /// its users are announced offline, in ms.
-    #[arg(long, env = "INSTANCE_TTL_MS", default_value_t = 6_000)]
+    #[arg(global = true, long, env = "INSTANCE_TTL_MS", default_value_t = 6_000)]
     pub instance_ttl_ms: u64,
 
     /// Frames queued for one client before it counts as a slow consumer and
     /// is closed.
-    #[arg(long, env = "SEND_QUEUE_FRAMES", default_value_t = 1024)]
+    #[arg(global = true, long, env = "SEND_QUEUE_FRAMES", default_value_t = 1024)]
     pub send_queue_frames: usize,
 
     /// Folder for Wasmtime's cache of compiled components, so restarts skip
     /// compilation; empty disables the cache. Unset uses Wasmtime's default
     /// folder under the user's cache directory.
-    #[arg(long, env = "COMPILE_CACHE_DIR")]
+    #[arg(global = true, long, env = "COMPILE_CACHE_DIR")]
     pub compile_cache_dir: Option<PathBuf>,
 
     /// Postgres connections in the host's pool.
-    #[arg(long, env = "POSTGRES_POOL_SIZE", default_value_t = 16)]
+    #[arg(global = true, long, env = "POSTGRES_POOL_SIZE", default_value_t = 16)]
     pub postgres_pool_size: usize,
 }
 

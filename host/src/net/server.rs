@@ -1,7 +1,7 @@
 //! The HTTP server: the WebSocket endpoint, health endpoints and the
 //! components' HTTP routes, all on one port.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +73,8 @@ async fn websocket(
             "server is restarting",
         );
     }
-    let Some(slot) = app.admit(remote.ip()) else {
+    let client_ip = client_address(&app, &headers, remote);
+    let Some(slot) = app.admit(client_ip) else {
         return json_error(
             StatusCode::TOO_MANY_REQUESTS,
             "TOO_MANY_CONNECTIONS",
@@ -86,6 +87,23 @@ async fn websocket(
         .max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| Session::run(app, socket, remote, token, slot))
+}
+
+/// Returns the client's IP: the socket's peer, or with
+/// `TRUST_FORWARDED_FOR` the last `X-Forwarded-For` entry, which the proxy
+/// appended.
+fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr) -> IpAddr {
+    if !app.config.trust_forwarded_for {
+        return remote.ip();
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+        .last()
+        .unwrap_or(remote.ip())
 }
 
 async fn livez() -> impl IntoResponse {

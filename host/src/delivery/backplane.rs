@@ -85,16 +85,18 @@ return 0
 ";
 
 /// Clears a user of a dead instance unless the user has since connected
-/// elsewhere. Returns 1 when the user went offline.
+/// elsewhere. Returns 1 when the user went offline. A missing owner record
+/// (it expired before the reaper came) also counts as offline, because the
+/// dead instance's user set still listing the user means no clean
+/// disconnect removed it.
 const REAP_SCRIPT: &str = r"
 local owner = redis.call('GET', KEYS[1])
-if owner then
-  if string.sub(owner, 1, string.len(ARGV[1])) ~= ARGV[1] then return 0 end
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  return 1
+if owner and string.sub(owner, 1, string.len(ARGV[1])) ~= ARGV[1] then
+  return 0
 end
-return redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
 ";
 
 /// Payload prefixes on a user channel.

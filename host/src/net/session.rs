@@ -703,7 +703,7 @@ async fn write_frames(
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,
-            _ = abort.changed() => break,
+            _ = aborted(&mut abort) => break,
         };
         let Some(frame) = frame else { break };
         let message = match frame {
@@ -721,7 +721,7 @@ async fn write_frames(
         };
         let sent = tokio::select! {
             sent = sink.send(message) => sent.is_ok(),
-            _ = abort.changed() => break,
+            _ = aborted(&mut abort) => break,
         };
         if !sent {
             return;
@@ -736,6 +736,14 @@ async fn write_frames(
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Resolves once the session asks the writer to abort. The session dropping
+/// its sender is no abort: the writer then drains what is queued.
+async fn aborted(abort: &mut watch::Receiver<Option<(u16, String)>>) {
+    if abort.wait_for(Option::is_some).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn far_future() -> Instant {

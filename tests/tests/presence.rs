@@ -1,0 +1,200 @@
+//! Presence: online and offline updates to conversation partners (or to
+//! everyone with `presence_reach = "broadcast"`), `GET_ONLINE_USERS`, across
+//! instances, and after an instance dies.
+
+use std::time::{Duration, Instant};
+
+use nexus_tests::client::exchange;
+use nexus_tests::{Client, Settings, System, EVENT_TIMEOUT, QUIET_PERIOD};
+use serde_json::Value;
+
+fn presence_of<'a>(user: &'a str, status: &'a str) -> impl Fn(&Value) -> bool + 'a {
+    move |data: &Value| {
+        data.get("userId").and_then(Value::as_str) == Some(user)
+            && data.get("status").and_then(Value::as_str) == Some(status)
+    }
+}
+
+fn any_presence_of(user: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |data: &Value| data.get("userId").and_then(Value::as_str) == Some(user)
+}
+
+async fn recv_presence(client: &mut Client, user: &str, status: &str, timeout: Duration) {
+    client
+        .recv_matching("USER_PRESENCE_UPDATE", timeout, presence_of(user, status))
+        .await;
+}
+
+/// Sends `GET_ONLINE_USERS` and returns the ids of `ONLINE_USERS`, checking
+/// that the data is an array of distinct strings.
+async fn online_users(client: &mut Client) -> Vec<String> {
+    client.send_without_data("GET_ONLINE_USERS").await;
+    let data = client.recv_event("ONLINE_USERS", EVENT_TIMEOUT).await;
+    let ids: Vec<String> = data
+        .as_array()
+        .unwrap_or_else(|| panic!("ONLINE_USERS data is not an array: {data}"))
+        .iter()
+        .map(|id| {
+            id.as_str()
+                .unwrap_or_else(|| panic!("ONLINE_USERS holds a non-string {id}"))
+                .to_owned()
+        })
+        .collect();
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "ONLINE_USERS repeats ids: {data}"
+    );
+    ids
+}
+
+#[tokio::test]
+async fn presence_reaches_partners_only() {
+    let system = System::start(1).await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut bob = system.connect(0, "bob").await;
+    exchange(&mut alice, &mut bob, "now we are partners").await;
+    let mut carol = system.connect(0, "carol").await;
+
+    bob.close().await;
+    recv_presence(&mut alice, "bob", "offline", EVENT_TIMEOUT).await;
+
+    let mut bob = system.connect(0, "bob").await;
+    recv_presence(&mut alice, "bob", "online", EVENT_TIMEOUT).await;
+    carol
+        .expect_no_matching("USER_PRESENCE_UPDATE", QUIET_PERIOD, any_presence_of("bob"))
+        .await;
+
+    // Partnership goes both ways.
+    alice.close().await;
+    recv_presence(&mut bob, "alice", "offline", EVENT_TIMEOUT).await;
+    carol
+        .expect_no_matching(
+            "USER_PRESENCE_UPDATE",
+            QUIET_PERIOD,
+            any_presence_of("alice"),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn presence_broadcast_reach() {
+    let system = System::start_with(
+        1,
+        Settings::default().variable("presence_reach", "broadcast"),
+    )
+    .await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut carol = system.connect(0, "carol").await;
+
+    let dave = system.connect(0, "dave").await;
+    recv_presence(&mut alice, "dave", "online", EVENT_TIMEOUT).await;
+    recv_presence(&mut carol, "dave", "online", EVENT_TIMEOUT).await;
+
+    dave.close().await;
+    recv_presence(&mut alice, "dave", "offline", EVENT_TIMEOUT).await;
+    recv_presence(&mut carol, "dave", "offline", EVENT_TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn presence_across_instances() {
+    let system = System::start(2).await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut bob = system.connect(1, "bob").await;
+    exchange(&mut alice, &mut bob, "partners across instances").await;
+
+    bob.close().await;
+    recv_presence(&mut alice, "bob", "offline", EVENT_TIMEOUT).await;
+    let mut bob = system.connect(1, "bob").await;
+    recv_presence(&mut alice, "bob", "online", EVENT_TIMEOUT).await;
+
+    alice.close().await;
+    recv_presence(&mut bob, "alice", "offline", EVENT_TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn online_users_lists_connected_users() {
+    let system = System::start(2).await;
+    let mut alice = system.connect(0, "alice").await;
+    let bob = system.connect(1, "bob").await;
+    let _carol = system.connect(0, "carol").await;
+
+    let online = online_users(&mut alice).await;
+    for user in ["alice", "bob", "carol"] {
+        assert!(
+            online.iter().any(|id| id == user),
+            "{user} missing from ONLINE_USERS {online:?}"
+        );
+    }
+
+    bob.close().await;
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let online = online_users(&mut alice).await;
+        if !online.iter().any(|id| id == "bob") {
+            assert!(
+                online.iter().any(|id| id == "carol"),
+                "carol dropped out: {online:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob still in ONLINE_USERS {online:?} {EVENT_TIMEOUT:?} after disconnecting"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn online_users_page_bounded() {
+    let system =
+        System::start_with(1, Settings::default().variable("online_users_page_max", 2)).await;
+    let mut alice = system.connect(0, "alice").await;
+    let _bob = system.connect(0, "bob").await;
+    let _carol = system.connect(0, "carol").await;
+
+    let online = online_users(&mut alice).await;
+    assert!(
+        !online.is_empty(),
+        "ONLINE_USERS is empty with three users online"
+    );
+    assert!(
+        online.len() <= 2,
+        "ONLINE_USERS has {} ids, over online_users_page_max 2",
+        online.len()
+    );
+}
+
+#[tokio::test]
+async fn instance_failure_marks_users_offline() {
+    let ttl_s = 3;
+    let mut system = System::start_with(2, Settings::default().env("PRESENCE_TTL_S", ttl_s)).await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut bob = system.connect(1, "bob").await;
+    exchange(&mut alice, &mut bob, "before the crash").await;
+
+    system.host_mut(1).kill();
+    // Instance heartbeats expire within the presence TTL; the margin covers
+    // the surviving instance's check interval on a loaded machine.
+    recv_presence(
+        &mut alice,
+        "bob",
+        "offline",
+        Duration::from_secs(ttl_s + 15),
+    )
+    .await;
+    let online = online_users(&mut alice).await;
+    assert!(
+        !online.iter().any(|id| id == "bob"),
+        "bob still online after his instance died: {online:?}"
+    );
+    drop(bob);
+
+    // bob comes back on the surviving instance.
+    let _bob = system.connect(0, "bob").await;
+    recv_presence(&mut alice, "bob", "online", EVENT_TIMEOUT).await;
+}

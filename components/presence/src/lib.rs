@@ -1,0 +1,255 @@
+//! Nexus Chat presence component.
+//!
+//! It handles typing indicators (`TYPING_START`, `TYPING_STOP` and the
+//! `$typing-expired` timer), `GET_ONLINE_USERS`, `HEALTH_CHECK` and the
+//! host's `$connected` and `$disconnected` events, and serves
+//! `GET /presence/online`.
+
+use nexus_guest::presence::{self, OnlinePageQuery, PresenceReach};
+use nexus_guest::rate_limit::{Decision, FixedWindow};
+use nexus_guest::{fields, http, payload, settings, storage, time, Error};
+use spin_sdk::http::Request;
+use spin_sdk::redis;
+
+/// Bindings of the `nexus:chat` `event-handler` world and the export of the
+/// typed handler.
+#[allow(unsafe_code)]
+mod bindings {
+    wit_bindgen::generate!({
+        world: "event-handler",
+        path: "../../wit",
+    });
+
+    use super::Presence;
+    export!(Presence);
+}
+
+use bindings::exports::nexus::chat::handler::Guest;
+use bindings::exports::nexus::chat::types::{
+    Connection, Delivery, Effect, Event, EventSource, HandlerError, Outbound, Timer, TimerCancel,
+};
+
+/// Event name of the typing timer, raised by the host when it fires.
+const TYPING_EXPIRED: &str = "$typing-expired";
+
+struct Presence;
+
+impl Guest for Presence {
+    fn handle(conn: Connection, event: Event) -> Result<Vec<Effect>, HandlerError> {
+        let result = match (event.name.as_str(), event.source) {
+            ("TYPING_START", EventSource::Client) => typing_start(&conn, &event),
+            ("TYPING_STOP", EventSource::Client) => typing_stop(&conn, &event),
+            (TYPING_EXPIRED, EventSource::Timer) => typing_expired(&conn, &event),
+            ("GET_ONLINE_USERS", EventSource::Client) => get_online_users(&conn),
+            ("HEALTH_CHECK", EventSource::Client) => Ok(health_check(&conn)),
+            ("$connected", EventSource::Host) => presence_changed(&event, true),
+            ("$disconnected", EventSource::Host) => presence_changed(&event, false),
+            (other, _) => Err(Error::unknown_event("presence", other)),
+        };
+        result.map_err(|error| HandlerError {
+            code: error.code.as_str().to_owned(),
+            message: error.message,
+        })
+    }
+}
+
+fn sender(conn: &Connection) -> Result<&str, Error> {
+    conn.user_id.as_deref().ok_or_else(Error::unauthenticated)
+}
+
+fn reply(event: &str, data: String) -> Effect {
+    Effect::Reply(Outbound {
+        event: event.to_owned(),
+        data,
+    })
+}
+
+fn typing_update(sender: &str, receiver: &str, is_typing: bool) -> Effect {
+    Effect::Deliver(Delivery {
+        user_id: receiver.to_owned(),
+        event: "USER_TYPING".to_owned(),
+        data: payload::user_typing(sender, is_typing),
+    })
+}
+
+/// Counts one event against the user's limit of kind `kind`. Returns the
+/// `RATE_LIMIT_EXCEEDED` reply when the user is over it.
+fn rate_limit(
+    redis: &redis::Connection,
+    kind: &str,
+    user_id: &str,
+    settings_prefix: &str,
+    event: &str,
+) -> Result<Option<Effect>, Error> {
+    let window = FixedWindow {
+        kind,
+        user_id,
+        limit: settings::get_u64(&format!("{settings_prefix}_rate_limit"), 0)?,
+        window_s: settings::get_u64(&format!("{settings_prefix}_rate_window_s"), 1)?,
+        block_s: 0,
+    };
+    match window.check(redis)? {
+        Decision::Allowed => Ok(None),
+        Decision::Limited { retry_after_s } => {
+            let error = format!("{} rate limit exceeded", settings_prefix.replace('_', " "));
+            let data = payload::rate_limit_exceeded(&error, retry_after_s, event);
+            Ok(Some(reply("RATE_LIMIT_EXCEEDED", data)))
+        }
+    }
+}
+
+/// Handles `TYPING_START {receiverId}`: shows the indicator at the receiver
+/// and starts the timer that clears it after `typing_timeout_ms`, or when
+/// the sender's connection closes.
+fn typing_start(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
+    let sender = sender(conn)?;
+    let data = fields::parse_object(&event.data)?;
+    let receiver = fields::receiver_id(&data, sender)?;
+    let redis = storage::open_redis()?;
+    if let Some(limited) = rate_limit(&redis, "typing", sender, "typing", &event.name)? {
+        return Ok(vec![limited]);
+    }
+    let timeout_ms = settings::get_u64("typing_timeout_ms", 1)?;
+    Ok(vec![
+        typing_update(sender, receiver, true),
+        Effect::StartTimer(Timer {
+            key: presence::typing_timer_key(receiver),
+            delay_ms: timeout_ms,
+            event: Outbound {
+                event: TYPING_EXPIRED.to_owned(),
+                data: payload::typing_timer(receiver),
+            },
+            fire_on_close: true,
+        }),
+    ])
+}
+
+/// Handles `TYPING_STOP {receiverId}`: clears the indicator and cancels the
+/// timer without running it.
+fn typing_stop(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
+    let sender = sender(conn)?;
+    let data = fields::parse_object(&event.data)?;
+    let receiver = fields::receiver_id(&data, sender)?;
+    let redis = storage::open_redis()?;
+    if let Some(limited) = rate_limit(&redis, "typing", sender, "typing", &event.name)? {
+        return Ok(vec![limited]);
+    }
+    Ok(vec![
+        typing_update(sender, receiver, false),
+        Effect::CancelTimer(TimerCancel {
+            key: presence::typing_timer_key(receiver),
+            fire: false,
+        }),
+    ])
+}
+
+/// Handles the `$typing-expired {receiverId}` timer: clears the indicator.
+fn typing_expired(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
+    let sender = sender(conn)?;
+    let data = fields::parse_object(&event.data)?;
+    let receiver = fields::user_id(&data, "receiverId")?;
+    Ok(vec![typing_update(sender, receiver, false)])
+}
+
+/// Handles `GET_ONLINE_USERS`: replies `ONLINE_USERS` with the users seen
+/// within `presence_ttl_s`, most recently seen first, at most
+/// `online_users_page_max` of them.
+fn get_online_users(conn: &Connection) -> Result<Vec<Effect>, Error> {
+    let user = sender(conn)?;
+    let redis = storage::open_redis()?;
+    if let Some(limited) = rate_limit(&redis, "online", user, "online_users", "GET_ONLINE_USERS")? {
+        return Ok(vec![limited]);
+    }
+    let ttl_s = settings::get_u64("presence_ttl_s", 1)?;
+    let page_max = settings::get_u64("online_users_page_max", 1)?;
+    let users = online_users(&redis, conn.now_ms, ttl_s, 0, page_max)?;
+    Ok(vec![reply("ONLINE_USERS", payload::online_users(&users))])
+}
+
+fn online_users(
+    redis: &redis::Connection,
+    now_ms: u64,
+    ttl_s: u64,
+    offset: u64,
+    count: u64,
+) -> Result<Vec<String>, Error> {
+    let arguments = presence::online_range_arguments(now_ms, ttl_s, offset, count);
+    let reply = storage::execute(redis, "ZREVRANGEBYSCORE", &arguments)?;
+    Ok(storage::reply_strings(&reply))
+}
+
+/// Handles `HEALTH_CHECK`, which needs no authentication and no I/O.
+fn health_check(conn: &Connection) -> Vec<Effect> {
+    vec![reply(
+        "HEALTH_STATUS",
+        payload::health_status(conn.now_ms, &conn.instance_id),
+    )]
+}
+
+/// Handles `$connected {userId}` and `$disconnected {userId}`: sends
+/// `USER_PRESENCE_UPDATE` to the user's conversation partners, or to
+/// everyone when `presence_reach` is `broadcast`.
+fn presence_changed(event: &Event, online: bool) -> Result<Vec<Effect>, Error> {
+    let data = fields::parse_object(&event.data)?;
+    let user = fields::user_id(&data, "userId")?;
+    let update = payload::presence_update(user, online);
+    let reach = PresenceReach::parse(&settings::get("presence_reach")?)?;
+    match reach {
+        PresenceReach::Broadcast => Ok(vec![Effect::Broadcast(Outbound {
+            event: "USER_PRESENCE_UPDATE".to_owned(),
+            data: update,
+        })]),
+        PresenceReach::Partners => {
+            let redis = storage::open_redis()?;
+            let partners = redis
+                .smembers(&presence::partners_key(user))
+                .map_err(|error| Error::unavailable("Redis", "SMEMBERS", &error))?;
+            let deliveries = partners
+                .into_iter()
+                .map(|partner| {
+                    Effect::Deliver(Delivery {
+                        user_id: partner,
+                        event: "USER_PRESENCE_UPDATE".to_owned(),
+                        data: update.clone(),
+                    })
+                })
+                .collect();
+            Ok(deliveries)
+        }
+    }
+}
+
+/// Export of `wasi:http/incoming-handler` for the component's HTTP route.
+#[allow(unsafe_code)]
+mod http_export {
+    use spin_sdk::http::{Request, Response};
+    use spin_sdk::http_component;
+
+    /// Serves `GET /presence/online?limit=N&cursor=C`: `{users, nextCursor}`,
+    /// where `cursor` is the offset that an earlier page returned.
+    #[http_component]
+    fn handle_http(request: Request) -> Response {
+        nexus_guest::http::respond(super::online_route(&request))
+    }
+}
+
+fn online_route(request: &Request) -> Result<serde_json::Value, Error> {
+    if request.path() != "/presence/online" {
+        return Err(http::not_found(request.path()));
+    }
+    http::require_get(request)?;
+    http::authorize(request)?;
+    let page_max = settings::get_u64("online_users_page_max", 1)?;
+    let query = OnlinePageQuery::parse(request.query(), page_max)?;
+    let ttl_s = settings::get_u64("presence_ttl_s", 1)?;
+    let redis = storage::open_redis()?;
+    // One user more than the page shows whether another page follows.
+    let users = online_users(
+        &redis,
+        time::now_ms(),
+        ttl_s,
+        query.cursor,
+        query.limit.saturating_add(1),
+    )?;
+    Ok(presence::online_page(users, &query))
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the Nexus Chat integration tests: makes sure the toolchain,
 # wasm-tools, redis-server and Postgres are there, builds the components
-# and the host once in release, then runs `cargo test --release -p
-# nexus-tests`, whose tests all reuse that build.
+# and the host once in release, then runs `cargo test --release` for the
+# integration tests (nexus-tests) and the load generator's small runs
+# (nexus-load), which all reuse that build.
 #
 # Arguments are passed to the test binaries, for example a name filter:
 #   tests/run.sh typing
@@ -44,4 +45,4 @@ nexus_log "running the integration tests with $threads test threads"
 # timeout(1) signals its whole process group when the bound passes, so the
 # hosts and Redis servers of the running tests stop too.
 timeout --kill-after=30 "${NEXUS_TEST_TIMEOUT_S:-2700}" \
-    cargo test --release --no-fail-fast -p nexus-tests -- --test-threads="$threads" "$@"
+    cargo test --release --no-fail-fast -p nexus-tests -p nexus-load -- --test-threads="$threads" "$@"

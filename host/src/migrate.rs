@@ -6,10 +6,16 @@ use tokio_postgres::NoTls;
 use tracing::info;
 
 /// Migrations in order; each runs once, in its own transaction.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_messages",
-    include_str!("../migrations/0001_messages.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_messages",
+        include_str!("../migrations/0001_messages.sql"),
+    ),
+    (
+        "0002_pending_messages",
+        include_str!("../migrations/0002_pending_messages.sql"),
+    ),
+];
 
 /// Key of the advisory lock that serializes migrations (an arbitrary
 /// constant that only this project uses).

@@ -471,10 +471,10 @@ impl Session {
                     }
                 }
                 Effect::Bind(binding) => {
-                    if !self
-                        .bind(event, binding.user_id, binding.expires_at_ms)
-                        .await
-                    {
+                    let bound = self
+                        .bind(event, binding.user_id, binding.expires_at_ms, binding.last_message_id)
+                        .await;
+                    if !bound {
                         // The remaining effects (the success reply) would be false.
                         return;
                     }
@@ -504,7 +504,13 @@ impl Session {
 
     /// Binds the connection to a user; returns false when it failed and the
     /// client was told.
-    async fn bind(&mut self, event: &str, user_id: String, expires_at_ms: u64) -> bool {
+    async fn bind(
+        &mut self,
+        event: &str,
+        user_id: String,
+        expires_at_ms: u64,
+        last_message_id: Option<String>,
+    ) -> bool {
         match &self.user_id {
             Some(current) if *current == user_id => {
                 self.expires_at_ms = expires_at_ms;
@@ -563,7 +569,11 @@ impl Session {
         self.user_id = Some(user_id.clone());
         self.expires_at_ms = expires_at_ms;
         self.epoch = bound.epoch;
-        let data = json!({ "userId": user_id }).to_string();
+        let data = match last_message_id {
+            Some(last) => json!({ "userId": user_id, "lastMessageId": last }),
+            None => json!({ "userId": user_id }),
+        };
+        let data = data.to_string();
         self.pending
             .push_back((CONNECTED_EVENT.to_string(), data, EventSource::Host));
         true

@@ -186,9 +186,9 @@ pub struct ChatArgs {
     pub pairs: u32,
 
     /// Users on each side of a pair that take turns sending, each with its
-    /// own connection: with R users a user sends every R-th message of its
-    /// side, which divides the per-user rate (and the servers' per-user
-    /// rate limit pressure) by R.
+    /// own connection. With R users, each user sends every R-th message of
+    /// its side, so the rate per user (which the servers limit) is divided
+    /// by R.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rotate: u32,
 

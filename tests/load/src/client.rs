@@ -64,9 +64,9 @@ impl ConnectError {
 /// What one read from the server produced.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A decoded frame (an Engine.IO ping has already been answered).
+    /// A decoded frame (an Engine.IO ping already has its pong).
     Frame(ServerFrame),
-    /// The connection ended; the text says how, for tallies.
+    /// The connection ended. The text describes the close, for tallies.
     Closed(String),
 }
 
@@ -184,9 +184,9 @@ impl Connection {
                 .await
                 .map_err(|error| format!("sending authenticate failed: {error}"))?;
         }
-        self.wait_for(
-            |frame| matches!(frame, ServerFrame::Event { name, .. } if name == "CONNECTION_SUCCESS"),
-        )
+        self.wait_for(|frame| {
+            matches!(frame, ServerFrame::Event { name, .. } if name == "CONNECTION_SUCCESS")
+        })
         .await
     }
 
@@ -204,7 +204,7 @@ impl Connection {
                     return Err(format!("Socket.IO connect error {data}"));
                 }
                 Incoming::Frame(_) => {}
-                Incoming::Closed(how) => return Err(how),
+                Incoming::Closed(reason) => return Err(reason),
             }
         }
     }
@@ -225,10 +225,10 @@ impl Connection {
         self.ws.next().await
     }
 
-    /// Decodes one message from [`Connection::next_message`], answering an
-    /// Engine.IO ping. An Engine.IO close or Socket.IO disconnect counts as
-    /// the end of the connection. (WebSocket pings are answered by
-    /// tungstenite on the next read or write.)
+    /// Decodes one message from [`Connection::next_message`] and sends the
+    /// pong for an Engine.IO ping. An Engine.IO close or Socket.IO
+    /// disconnect counts as the end of the connection. (tungstenite sends
+    /// the pongs for WebSocket pings on the next read or write.)
     pub async fn handle(&mut self, message: Option<Result<Message, WsError>>) -> Incoming {
         let message = match message {
             None => return Incoming::Closed("closed without a close frame".to_string()),

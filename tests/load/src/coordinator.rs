@@ -161,17 +161,18 @@ pub async fn run_children(settings: RunSettings, args: Vec<OsString>) -> Result<
             let mut lines = BufReader::new(stdout).lines();
             loop {
                 match lines.next_line().await {
-                    Ok(Some(line)) => {
-                        match serde_json::from_str::<WorkerEvent>(&line) {
-                            Ok(event) => {
-                                let _ = sender.send((slot, Input::Event(event)));
-                            }
-                            Err(error) => {
-                                let text: String = line.chars().take(200).collect();
-                                eprintln!("nexus-load: worker {slot} wrote an invalid line ({error}): {text}");
-                            }
+                    Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
+                        Ok(event) => {
+                            let _ = sender.send((slot, Input::Event(event)));
                         }
-                    }
+                        Err(error) => {
+                            let text: String = line.chars().take(200).collect();
+                            eprintln!(
+                                "nexus-load: worker {slot} wrote an invalid line \
+                                     ({error}): {text}"
+                            );
+                        }
+                    },
                     Ok(None) => break,
                     Err(error) => {
                         let _ = sender.send((
@@ -239,7 +240,9 @@ async fn coordinate(
                 None => break,
             },
             () = sleep_until(setup_limit) => {
-                eprintln!("nexus-load: the connection phase ran past its time limit; starting anyway");
+                eprintln!(
+                    "nexus-load: the connection phase ran past its time limit; starting anyway"
+                );
                 break;
             }
             () = progress.due() => progress.print("setup", &states),

@@ -193,8 +193,8 @@ async fn run_child(
     index: u16,
     count: u16,
 ) -> Result<ExitCode> {
-    // The terminal sends Ctrl-C to the whole process group; the parent
-    // handles it and tells the children to stop.
+    // The terminal sends Ctrl-C to the whole process group. The parent
+    // handles it and sends its children the stop command.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let (closing_tx, closing_rx) = watch::channel(false);
@@ -273,6 +273,14 @@ fn collect_warnings(scenario: &Scenario, common: &CommonArgs, target_count: usiz
                 "--cross-instance needs at least two --url values; all pairs use one server"
                     .to_string(),
             );
+        }
+    }
+    if let Scenario::Presence(args) = scenario {
+        if args.storm_after >= args.chat.duration {
+            warnings.push(format!(
+                "--storm-after {} s is not shorter than --duration {} s, so no storm happens",
+                args.storm_after, args.chat.duration
+            ));
         }
     }
     let lifetime = common.setup_timeout + duration;

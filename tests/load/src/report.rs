@@ -269,7 +269,6 @@ fn server_usage(before: &[ProcessSample], after: &[ProcessSample]) -> Vec<Server
 /// Formats the human summary printed on stdout.
 pub fn summary(report: &Report) -> String {
     let mut text = String::new();
-    let c = &report.counters;
     let _ = writeln!(
         text,
         "nexus-load {}: protocol {}, {} server URL(s), {} process(es){}",
@@ -291,10 +290,42 @@ pub fn summary(report: &Report) -> String {
         "  setup {:.1} s, run {:.1} s",
         report.setup_s, report.run_s
     );
+
+    write_connections(&mut text, report);
+    write_messages(&mut text, report);
+    for (name, latency) in ordered_latencies(&report.latency_ms) {
+        let _ = writeln!(
+            text,
+            "  {name} latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
+            latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms, latency.count
+        );
+    }
+    write_resources(&mut text, report);
+
+    write_tally(&mut text, "close reasons", &report.close_reasons);
+    write_tally(&mut text, "connect errors", &report.connect_errors);
+    write_tally(&mut text, "ERROR codes", &report.error_codes);
+    for failure in &report.worker_failures {
+        let _ = writeln!(text, "  worker failure: {failure}");
+    }
+    for warning in &report.warnings {
+        let _ = writeln!(text, "  warning: {warning}");
+    }
+    text
+}
+
+fn write_connections(text: &mut String, report: &Report) {
+    let c = &report.counters;
     let _ = writeln!(
         text,
-        "  connections: {} attempted, {} connected, {} failed, {} not attempted, {} open at the end, {} dropped",
-        c.connect_attempts, c.connected, c.connect_failed, c.not_attempted, report.open_at_stop, c.dropped
+        "  connections: {} attempted, {} connected, {} failed, {} not attempted, \
+         {} open at the end, {} dropped",
+        c.connect_attempts,
+        c.connected,
+        c.connect_failed,
+        c.not_attempted,
+        report.open_at_stop,
+        c.dropped
     );
     if c.storm_attempts > 0 {
         let _ = writeln!(
@@ -310,10 +341,22 @@ pub fn summary(report: &Report) -> String {
             storm.start_s, storm.duration_s, storm.connects_per_s
         );
     }
+    if let Some(connects) = &report.connects {
+        let _ = writeln!(
+            text,
+            "  connect rate: {:.1} connects/s over {:.2} s",
+            connects.connects_per_s, connects.elapsed_s
+        );
+    }
+}
+
+fn write_messages(text: &mut String, report: &Report) {
+    let c = &report.counters;
     if c.sent > 0 || report.throughput.is_some() {
         let _ = writeln!(
             text,
-            "  messages: {} sent, {} acked, {} delivered, {} ERROR, {} RATE_LIMIT_EXCEEDED, {} send failures",
+            "  messages: {} sent, {} acked, {} delivered, {} ERROR, {} RATE_LIMIT_EXCEEDED, \
+             {} send failures",
             c.sent, c.acked, c.delivered, c.errors, c.rate_limited, c.send_failed
         );
     } else if c.errors > 0 || c.rate_limited > 0 {
@@ -330,27 +373,17 @@ pub fn summary(report: &Report) -> String {
             throughput.sent_per_s, throughput.acked_per_s, throughput.delivered_per_s
         );
     }
-    if let Some(connects) = &report.connects {
-        let _ = writeln!(
-            text,
-            "  connect rate: {:.1} connects/s over {:.2} s",
-            connects.connects_per_s, connects.elapsed_s
-        );
-    }
-    for (name, latency) in ordered_latencies(&report.latency_ms) {
-        let _ = writeln!(
-            text,
-            "  {name} latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
-            latency.p50_ms, latency.p95_ms, latency.p99_ms, latency.max_ms, latency.count
-        );
-    }
     if c.presence_updates > 0 || c.foreign_messages > 0 || c.malformed_frames > 0 {
         let _ = writeln!(
             text,
-            "  other frames: {} USER_PRESENCE_UPDATE, {} other events, {} foreign NEW_MESSAGE, {} malformed",
+            "  other frames: {} USER_PRESENCE_UPDATE, {} other events, {} foreign NEW_MESSAGE, \
+             {} malformed",
             c.presence_updates, c.other_events, c.foreign_messages, c.malformed_frames
         );
     }
+}
+
+fn write_resources(text: &mut String, report: &Report) {
     for server in &report.servers {
         let _ = writeln!(
             text,
@@ -378,16 +411,6 @@ pub fn summary(report: &Report) -> String {
             bytes / 1024.0
         );
     }
-    write_tally(&mut text, "close reasons", &report.close_reasons);
-    write_tally(&mut text, "connect errors", &report.connect_errors);
-    write_tally(&mut text, "ERROR codes", &report.error_codes);
-    for failure in &report.worker_failures {
-        let _ = writeln!(text, "  worker failure: {failure}");
-    }
-    for warning in &report.warnings {
-        let _ = writeln!(text, "  warning: {warning}");
-    }
-    text
 }
 
 /// Lists the latencies in the order a reader follows a message, then any

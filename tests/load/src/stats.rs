@@ -94,7 +94,7 @@ pub fn drop_one(counter: &AtomicU64) {
     counter.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Longest latency a histogram records (one hour); longer values are
+/// Maximum latency a histogram records (one hour); longer values are
 /// recorded as one hour.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 

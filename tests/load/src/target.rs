@@ -25,24 +25,24 @@ pub struct Target {
 /// supported). A URL without a path gets the protocol's endpoint: `/ws` for
 /// native clients, `/socket.io/` for Socket.IO. Socket.IO URLs always get
 /// the Engine.IO v4 WebSocket query (`EIO=4&transport=websocket`).
-pub fn parse_target(given: &str, protocol: Protocol) -> Result<Target> {
-    let mut url = Url::parse(given).with_context(|| format!("invalid target URL {given:?}"))?;
+pub fn parse_target(text: &str, protocol: Protocol) -> Result<Target> {
+    let mut url = Url::parse(text).with_context(|| format!("invalid target URL {text:?}"))?;
     let default_port = match url.scheme() {
         "ws" | "http" => 80,
         "wss" | "https" => bail!(
-            "target URL {given:?} uses TLS, which nexus-load does not support; use ws:// or http://"
+            "target URL {text:?} uses TLS, which nexus-load does not support; use ws:// or http://"
         ),
-        other => bail!("target URL {given:?} has scheme {other:?}; use ws:// or http://"),
+        other => bail!("target URL {text:?} has scheme {other:?}; use ws:// or http://"),
     };
     let ip = loopback_ip(&url).with_context(|| {
         format!(
-            "target URL {given:?} is not a loopback address; nexus-load only connects to \
+            "target URL {text:?} is not a loopback address; nexus-load only connects to \
              127.0.0.0/8, ::1 or localhost"
         )
     })?;
     let port = url.port().unwrap_or(default_port);
     url.set_scheme("ws")
-        .map_err(|()| anyhow::anyhow!("cannot use scheme ws for {given:?}"))?;
+        .map_err(|()| anyhow::anyhow!("cannot use scheme ws for {text:?}"))?;
     if url.path().is_empty() || url.path() == "/" {
         url.set_path(match protocol {
             Protocol::Native => "/ws",

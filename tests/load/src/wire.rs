@@ -2,12 +2,13 @@
 //! that carries a send timestamp.
 //!
 //! Native frames are JSON objects `{"event": NAME, "data": VALUE}`.
-//! Socket.IO v4 runs over Engine.IO v4: every WebSocket text frame starts
-//! with an Engine.IO packet type (`0` open, `1` close, `2` ping, `3` pong,
-//! `4` message, `6` noop), and a message packet carries a Socket.IO packet
-//! whose first character is its type (`0` connect, `1` disconnect, `2`
-//! event, `4` connect error). An event is `42["NAME",DATA]`, optionally with
-//! a namespace (`42/chat,[...]`) or an acknowledgement id (`4217[...]`).
+//!
+//! Socket.IO v4 runs over Engine.IO v4. Every WebSocket text frame starts
+//! with an Engine.IO packet type: `0` open, `1` close, `2` ping, `3` pong,
+//! `4` message, `6` noop. A message packet carries a Socket.IO packet whose
+//! first character is its type: `0` connect, `1` disconnect, `2` event, `4`
+//! connect error. An event is `42["NAME",DATA]`, optionally with a
+//! namespace (`42/chat,[...]`) or an acknowledgement id (`4217[...]`).
 
 use serde_json::{json, Value};
 
@@ -20,7 +21,7 @@ pub enum ServerFrame {
     Event { name: String, data: Value },
     /// Engine.IO open packet with the session's settings.
     EngineOpen(Value),
-    /// Engine.IO ping; the client must answer with a pong.
+    /// Engine.IO ping, which the client must reply to with a pong.
     EnginePing,
     /// Socket.IO connect acknowledgement for the default namespace.
     SocketConnect,
@@ -143,7 +144,7 @@ const CONTENT_PREFIX: &str = "nexus-load:";
 
 /// Builds message content of `size` bytes that starts with the send time in
 /// microseconds, padded with `x`. Content is never shorter than the
-/// timestamp header (about 13 to 31 bytes), whatever `size` asks for.
+/// timestamp header (about 13 to 31 bytes), whatever `size` requests.
 pub fn encode_content(sent_us: u64, size: usize) -> String {
     let mut content = format!("{CONTENT_PREFIX}{sent_us}:");
     if content.len() < size {
@@ -207,7 +208,7 @@ mod tests {
 
     #[test]
     fn socketio_control_packets() {
-        let open = r#"0{"sid":"abc","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#;
+        let open = r#"0{"sid":"abc","upgrades":[],"pingInterval":25000,"pingTimeout":20000}"#;
         assert!(matches!(
             decode_frame(Protocol::Socketio, open),
             ServerFrame::EngineOpen(_)

@@ -1,11 +1,11 @@
 //! A worker runs its share of a scenario's connections, in this process or
 //! in a child process, and talks to the coordinator through events.
 //!
-//! The life of a worker: it opens its connections (setup) and reports
-//! `Ready`; on `Run` it starts the measured part; a scenario that ends by
-//! itself reports `Finished`; on `Stop` it stops sending, drains, closes its
-//! connections and reports `Result`. A child process writes its events to
-//! stdout as JSON lines and reads `start` and `stop` lines from stdin.
+//! A worker first opens its connections (setup) and reports `Ready`. On
+//! `Run` it starts the measured part, and a scenario that ends by itself
+//! reports `Finished`. On `Stop` the worker stops sending, drains, closes
+//! its connections and reports `Result`. A child process writes its events
+//! to stdout as JSON lines and reads `start` and `stop` lines from stdin.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -241,10 +241,10 @@ impl WorkerContext {
     }
 
     /// Counts a connection that ended before the worker closed it.
-    pub fn count_drop(&self, how: &str) {
+    pub fn count_drop(&self, reason: &str) {
         bump(&self.counters.dropped);
         drop_one(&self.counters.open);
-        self.close_reasons.add(how);
+        self.close_reasons.add(reason);
     }
 
     /// Notes what the worker measures the moment `Stop` arrives, before it
@@ -309,8 +309,8 @@ pub async fn hold(context: &WorkerContext, mut connection: Connection) {
             message = connection.next_message() => {
                 match connection.handle(message).await {
                     Incoming::Frame(frame) => count_frame(context, frame),
-                    Incoming::Closed(how) => {
-                        context.count_drop(&how);
+                    Incoming::Closed(reason) => {
+                        context.count_drop(&reason);
                         return;
                     }
                 }

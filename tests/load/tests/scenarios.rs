@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{run_load, serial, Stack, RELAXED_LIMITS};
+use support::{run_load, serial, words, Stack, RELAXED_LIMITS};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -20,22 +20,16 @@ fn idle_holds_every_connection() {
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
     let pid = stack.hosts[0].pid().to_string();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "--server-pid",
-            &pid,
-            "idle",
-            "--connections",
-            "30",
-            "--duration",
-            "2",
-        ],
+        &words(&format!(
+            "--url {url} --server-pid {pid} idle --connections 30 --duration 2"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("connected"), 30, "{result}");
     assert_eq!(run.counter("connect_failed"), 0, "{result}");
@@ -67,24 +61,16 @@ fn chat_delivers_every_message() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "chat",
-            "--pairs",
-            "5",
-            "--rate",
-            "50",
-            "--duration",
-            "2",
-            "--payload-bytes",
-            "200",
-        ],
+        &words(&format!(
+            "--url {url} chat --pairs 5 --rate 50 --duration 2 --payload-bytes 200"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     let sent = run.counter("sent");
     // 50 messages/s for 2 s; timer skew may lose a few.
@@ -111,24 +97,16 @@ fn chat_flood_keeps_in_flight_bounded() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "chat",
-            "--pairs",
-            "3",
-            "--rate",
-            "0",
-            "--in-flight",
-            "2",
-            "--duration",
-            "2",
-        ],
+        &words(&format!(
+            "--url {url} chat --pairs 3 --rate 0 --in-flight 2 --duration 2"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     let sent = run.counter("sent");
     assert!(sent > 50, "sent {sent}: {result}");
@@ -147,33 +125,17 @@ fn chat_across_instances_in_two_processes() {
     let _serial = serial();
     let stack = Stack::start(2, RELAXED_LIMITS);
     let urls = stack.urls();
+    let (url_a, url_b) = (&urls[0], &urls[1]);
     let first = stack.hosts[0].pid().to_string();
     let second = stack.hosts[1].pid().to_string();
-    let run = run_load(
-        stack.dir.path(),
-        &[
-            "--url",
-            &urls[0],
-            "--url",
-            &urls[1],
-            "--processes",
-            "2",
-            "--server-pid",
-            &first,
-            "--server-pid",
-            &second,
-            "chat",
-            "--pairs",
-            "6",
-            "--rate",
-            "60",
-            "--duration",
-            "2",
-            "--cross-instance",
-        ],
-        LIMIT,
+
+    let line = format!(
+        "--url {url_a} --url {url_b} --processes 2 --server-pid {first} --server-pid {second} \
+         chat --pairs 6 --rate 60 --duration 2 --cross-instance"
     );
+    let run = run_load(stack.dir.path(), &words(&line), LIMIT);
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(result["processes"], 2, "{result}");
     assert_eq!(run.counter("connected"), 12, "{result}");
@@ -198,22 +160,16 @@ fn chat_counts_rate_limit_apart_from_errors() {
     ];
     let stack = Stack::start(1, &limits);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "chat",
-            "--pairs",
-            "1",
-            "--rate",
-            "20",
-            "--duration",
-            "2",
-        ],
+        &words(&format!(
+            "--url {url} chat --pairs 1 --rate 20 --duration 2"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     let sent = run.counter("sent");
     let acked = run.counter("acked");
@@ -235,24 +191,16 @@ fn chat_rotation_spreads_users() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "chat",
-            "--pairs",
-            "2",
-            "--rotate",
-            "3",
-            "--rate",
-            "30",
-            "--duration",
-            "2",
-        ],
+        &words(&format!(
+            "--url {url} chat --pairs 2 --rotate 3 --rate 30 --duration 2"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("connected"), 12, "{result}");
     let sent = run.counter("sent");
@@ -265,22 +213,16 @@ fn connect_storm_counts_handshakes() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "--source-addresses",
-            "4",
-            "connect",
-            "--connections",
-            "60",
-            "--concurrency",
-            "10",
-        ],
+        &words(&format!(
+            "--url {url} --source-addresses 4 connect --connections 60 --concurrency 10"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("connected"), 60, "{result}");
     assert_eq!(run.counter("connect_failed"), 0, "{result}");
@@ -302,22 +244,16 @@ fn connect_with_authenticate_event() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
+
     let run = run_load(
         stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "--auth",
-            "event",
-            "connect",
-            "--connections",
-            "20",
-            "--concurrency",
-            "5",
-        ],
+        &words(&format!(
+            "--url {url} --auth event connect --connections 20 --concurrency 5"
+        )),
         LIMIT,
     );
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("connected"), 20, "{result}");
 }
@@ -327,22 +263,14 @@ fn connect_with_wrong_secret_fails_authentication() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
-    let run = run_load(
-        stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "--jwt-secret",
-            "a-different-secret-that-the-server-does-not-use",
-            "connect",
-            "--connections",
-            "5",
-            "--concurrency",
-            "5",
-        ],
-        LIMIT,
+
+    let line = format!(
+        "--url {url} --jwt-secret a-different-secret-that-the-server-does-not-use \
+         connect --connections 5 --concurrency 5"
     );
+    let run = run_load(stack.dir.path(), &words(&line), LIMIT);
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("connected"), 0, "{result}");
     assert_eq!(run.counter("connect_failed"), 5, "{result}");
@@ -362,28 +290,14 @@ fn presence_storm_during_chat() {
     let _serial = serial();
     let stack = Stack::start(1, RELAXED_LIMITS);
     let url = stack.hosts[0].url();
-    let run = run_load(
-        stack.dir.path(),
-        &[
-            "--url",
-            &url,
-            "presence",
-            "--pairs",
-            "4",
-            "--rate",
-            "40",
-            "--duration",
-            "4",
-            "--storm-connections",
-            "40",
-            "--storm-after",
-            "1",
-            "--storm-window",
-            "1",
-        ],
-        LIMIT,
+
+    let line = format!(
+        "--url {url} presence --pairs 4 --rate 40 --duration 4 \
+         --storm-connections 40 --storm-after 1 --storm-window 1"
     );
+    let run = run_load(stack.dir.path(), &words(&line), LIMIT);
     let result = run.json();
+
     assert_eq!(run.code, Some(0), "{}\n{}", run.stderr, stack.logs());
     assert_eq!(run.counter("storm_connected"), 40, "{result}");
     assert_eq!(run.counter("storm_failed"), 0, "{result}");
@@ -414,7 +328,7 @@ fn rejects_targets_off_loopback() {
     for url in ["ws://0.0.0.0:9", "ws://[::ffff:127.0.0.1]:9"] {
         let run = run_load(
             dir.path(),
-            &["--url", url, "idle", "--connections", "1"],
+            &words(&format!("--url {url} idle --connections 1")),
             LIMIT,
         );
         assert_eq!(run.code, Some(2), "{url}: {}", run.stderr);
@@ -441,9 +355,10 @@ fn rejects_too_many_connections_for_one_process() {
     };
     eprintln!("open-file limit {soft_limit}");
     let dir = tempfile::tempdir().expect("temporary folder");
+
     let run = run_load(
         dir.path(),
-        &["--processes", "1", "idle", "--connections", "200000"],
+        &words("--processes 1 idle --connections 200000"),
         LIMIT,
     );
     assert_eq!(run.code, Some(2), "{}", run.stderr);

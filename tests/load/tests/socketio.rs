@@ -1,5 +1,5 @@
 //! The Socket.IO client against a small in-test Socket.IO v4 server: the
-//! Engine.IO handshake, pings every 200 ms that must be answered, the
+//! Engine.IO handshake, pings every 200 ms that need a pong in reply, the
 //! `authenticate` event with a token checked against the secret, and
 //! message relay between two users.
 
@@ -116,14 +116,17 @@ async fn connection(stream: TcpStream, stats: Arc<MockStats>, users: Users) {
                 } else if text == "40" {
                     let _ = outgoing.send(r#"40{"sid":"mock-socket"}"#.to_string());
                 } else if let Some(body) = text.strip_prefix("42") {
-                    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(body) else { continue };
+                    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(body) else {
+                        continue;
+                    };
                     let name = items.first().and_then(Value::as_str).unwrap_or_default();
                     let data = items.get(1).cloned().unwrap_or(Value::Null);
                     match name {
                         "authenticate" => {
                             let Some(id) = authenticate(&data) else {
                                 stats.rejected_tokens.fetch_add(1, Ordering::Relaxed);
-                                let error = json!({"code": "UNAUTHORIZED", "event": "authenticate"});
+                                let error =
+                                    json!({"code": "UNAUTHORIZED", "event": "authenticate"});
                                 let _ = outgoing.send(event("ERROR", &error));
                                 break;
                             };
@@ -132,7 +135,8 @@ async fn connection(stream: TcpStream, stats: Arc<MockStats>, users: Users) {
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .insert(id.clone(), outgoing.clone());
-                            let _ = outgoing.send(event("CONNECTION_SUCCESS", &json!({"userId": id})));
+                            let success = json!({"userId": id});
+                            let _ = outgoing.send(event("CONNECTION_SUCCESS", &success));
                             user_id = Some(id);
                         }
                         "NEW_MESSAGE" => {
@@ -145,9 +149,11 @@ async fn connection(stream: TcpStream, stats: Arc<MockStats>, users: Users) {
                                 "receiverId": receiver,
                                 "content": data["content"],
                             });
-                            if let Some(target) = users.lock().unwrap_or_else(PoisonError::into_inner).get(receiver) {
+                            let registry = users.lock().unwrap_or_else(PoisonError::into_inner);
+                            if let Some(target) = registry.get(receiver) {
                                 let _ = target.send(event("NEW_MESSAGE", &message));
                             }
+                            drop(registry);
                             let ack = json!({
                                 "messageId": format!("{number:020}"),
                                 "clientMessageId": data["clientMessageId"],
@@ -197,8 +203,7 @@ async fn run_against_mock(args: &[&str]) -> (LoadRun, Arc<MockStats>) {
     full.extend(args.iter().map(|arg| arg.to_string()));
     let run = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().expect("temporary folder");
-        let args: Vec<&str> = full.iter().map(String::as_str).collect();
-        run_load(dir.path(), &args, Duration::from_secs(60))
+        run_load(dir.path(), &full, Duration::from_secs(60))
     })
     .await
     .expect("nexus-load runner");
@@ -232,7 +237,8 @@ async fn socketio_idle_answers_engine_pings() {
     assert_eq!(result["open_at_stop"], 10, "{result}");
     assert_eq!(run.counter("dropped"), 0, "{result}");
     assert_eq!(stats.closed_for_missed_pongs.load(Ordering::Relaxed), 0);
-    // About ten pings per connection in 2 s; all but the last few answered.
+    // About ten pings per connection in 2 s, and a pong for all but the
+    // last few.
     let pongs = stats.pongs.load(Ordering::Relaxed);
     assert!(pongs >= 50, "pongs {pongs}");
 }

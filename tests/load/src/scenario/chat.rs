@@ -171,7 +171,7 @@ struct Outstanding {
     sent: Instant,
 }
 
-/// One user's connection after setup: reads until `Run`, sends on its
+/// Runs one user's connection after setup: reads until `Run`, sends on its
 /// schedule until `Stop`, then keeps reading until the worker closes.
 async fn run_user(
     context: &WorkerContext,
@@ -204,20 +204,24 @@ async fn run_user(
             message = connection.next_message() => {
                 match connection.handle(message).await {
                     Incoming::Frame(frame) => on_frame(context, user, frame, &mut outstanding),
-                    Incoming::Closed(how) => {
+                    Incoming::Closed(reason) => {
                         forget_outstanding(context, &mut outstanding);
-                        context.count_drop(&how);
+                        context.count_drop(&reason);
                         return;
                     }
                 }
             }
             () = tick(&mut ticker), if rate_active => {
-                if !send_message(context, &mut connection, user, &mut sequence, &mut outstanding).await {
+                let sent =
+                    send_message(context, &mut connection, user, &mut sequence, &mut outstanding);
+                if !sent.await {
                     return;
                 }
             }
             () = std::future::ready(()), if flood_ready => {
-                if !send_message(context, &mut connection, user, &mut sequence, &mut outstanding).await {
+                let sent =
+                    send_message(context, &mut connection, user, &mut sequence, &mut outstanding);
+                if !sent.await {
                     return;
                 }
             }
@@ -342,9 +346,9 @@ fn on_frame(
         "ERROR" => {
             context.count_error(&data);
             // The servers handle one connection's events in order, and a
-            // chat connection sends only NEW_MESSAGE, so an ERROR answers
-            // the oldest message (host errors such as RATE_LIMITED carry
-            // no event name).
+            // chat connection sends only NEW_MESSAGE, so an ERROR is the
+            // reply to the oldest message. Host errors such as RATE_LIMITED
+            // carry no event name.
             let event = data.get("event").and_then(Value::as_str);
             if matches!(event, None | Some("NEW_MESSAGE")) && outstanding.pop_front().is_some() {
                 drop_one(&context.counters.in_flight);
@@ -384,7 +388,8 @@ fn forget_outstanding(context: &WorkerContext, outstanding: &mut VecDeque<Outsta
 }
 
 /// Waits until every user has stopped sending, every sent message is
-/// answered and every acknowledged one delivered, or until `limit` passes.
+/// acknowledged or rejected and every acknowledged one delivered, or until
+/// `limit` passes.
 async fn drain(context: &WorkerContext, senders: &AtomicU64, limit: Duration) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -437,7 +442,7 @@ fn spawn_storm(
     }
 }
 
-/// One storm connection: waits for its start time, then connects.
+/// Opens one storm connection once its start time comes.
 async fn storm_attempt(
     context: &WorkerContext,
     permits: &Semaphore,

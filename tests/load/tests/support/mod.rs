@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -143,7 +144,7 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // Hosts first, so that nothing holds a connection to the database.
+        // Hosts first, so that no connection to the database is left open.
         self.hosts.clear();
         drop_database(&self.admin_url, &self.database);
     }
@@ -341,9 +342,14 @@ impl LoadRun {
     }
 }
 
+/// Splits a command line on whitespace (no quoting).
+pub fn words(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_string).collect()
+}
+
 /// Runs `nexus-load` with `args` (plus `--out`), killing it after
 /// `limit`.
-pub fn run_load(dir: &Path, args: &[&str], limit: Duration) -> LoadRun {
+pub fn run_load<S: AsRef<OsStr>>(dir: &Path, args: &[S], limit: Duration) -> LoadRun {
     static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
     let run = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
     let out = dir.join(format!("load-{run}.json"));
@@ -360,6 +366,7 @@ pub fn run_load(dir: &Path, args: &[&str], limit: Duration) -> LoadRun {
         .stderr(File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("starting nexus-load failed");
+
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for nexus-load") {
@@ -372,6 +379,7 @@ pub fn run_load(dir: &Path, args: &[&str], limit: Duration) -> LoadRun {
         }
         thread::sleep(Duration::from_millis(50));
     };
+
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let result = std::fs::read_to_string(&out)

@@ -149,6 +149,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let address: SocketAddr = format!("{}:{}", config.bind_address, config.port)
         .parse()
         .context("invalid BIND_ADDRESS or PORT")?;
+    let (socketio_layer, socketio) =
+        net::socketio::layer(config.max_frame_bytes, config.ping_interval());
     let app = Arc::new(App::new(
         config,
         manifest,
@@ -161,12 +163,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
 
     lifecycle::spawn_offline_announcer(app.clone(), offline_rx);
+    net::socketio::attach(&socketio, app.clone());
 
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("failed to listen on {address}"))?;
     info!(%address, "listening");
-    let router = net::server::router(app.clone());
+    let router = net::server::router(app.clone(), socketio_layer);
     let server = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

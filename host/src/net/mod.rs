@@ -3,3 +3,4 @@
 pub mod close;
 pub mod server;
 pub mod session;
+pub mod socketio;

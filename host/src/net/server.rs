@@ -8,7 +8,10 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware;
+use socketioxide::layer::SocketIoLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,13 +24,51 @@ use super::session::Session;
 use crate::app::App;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<App>, socketio: SocketIoLayer) -> Router {
+    let origins: Vec<HeaderValue> = app
+        .allowed_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    // Browsers' long-polling requests are cross-origin XHRs, so they need
+    // CORS headers; the origin check below rejects what CORS only flags.
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]);
     Router::new()
         .route("/ws", get(websocket))
         .route("/health", get(health))
         .route("/livez", get(livez))
         .fallback(component_route)
+        .layer(socketio)
+        .layer(middleware::from_fn_with_state(app.clone(), check_socketio_origin))
+        .layer(cors)
         .with_state(app)
+}
+
+/// Rejects Socket.IO requests from a browser origin outside
+/// `FRONTEND_URLS`; requests without `Origin` (native clients) pass.
+async fn check_socketio_origin(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: middleware::Next,
+) -> Response {
+    if request.uri().path().starts_with("/socket.io") {
+        if let Some(origin) = request.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or_default();
+            if !app.is_origin_allowed(origin) {
+                debug!(origin, "socket.io origin rejected");
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    "FORBIDDEN_ORIGIN",
+                    "origin is not in FRONTEND_URLS",
+                );
+            }
+        }
+    }
+    next.run(request).await
 }
 
 #[derive(Deserialize)]
@@ -86,13 +127,13 @@ async fn websocket(
     upgrade
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| Session::run(app, socket, remote, token, slot))
+        .on_upgrade(move |socket| Session::run_websocket(app, socket, remote, token, slot))
 }
 
 /// Returns the client's IP: the socket's peer, or with
 /// `TRUST_FORWARDED_FOR` the last `X-Forwarded-For` entry, which the proxy
 /// appended.
-fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr) -> IpAddr {
+pub(super) fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr) -> IpAddr {
     if !app.config.trust_forwarded_for {
         return remote.ip();
     }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{BoxStream, SplitSink};
 use futures::{SinkExt, StreamExt};
+use socketioxide::extract::AckSender;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -78,6 +79,38 @@ impl FrameBudget {
     }
 }
 
+/// What a transport hands the session.
+pub enum Inbound {
+    /// A native WebSocket message.
+    Message(Message),
+    /// The native WebSocket failed to read a frame.
+    ReadError(axum::Error),
+    /// A Socket.IO event, already split into name and JSON data, with the
+    /// client's acknowledgement callback if it passed one.
+    Event {
+        name: String,
+        data: String,
+        ack: Option<AckSender>,
+    },
+    /// The Socket.IO client disconnected.
+    Closed,
+}
+
+/// The protocol a session speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Native WebSocket: the session sends pings and enforces the
+    /// inactivity timeout.
+    WebSocket,
+    /// Socket.IO: Engine.IO's own ping and timeout keep the connection
+    /// alive or end it, and its pongs never reach the session, so the
+    /// session leaves both to it.
+    SocketIo,
+}
+
+/// What a session's writer is told when it must stop at once.
+pub type AbortSignal = watch::Receiver<Option<(u16, String)>>;
+
 /// Why the session loop ended.
 enum End {
     /// The client closed or the socket failed.
@@ -125,6 +158,10 @@ pub struct Session {
     pending: VecDeque<(String, String, EventSource)>,
     last_activity: Instant,
     budget: FrameBudget,
+    /// Acknowledgement callback of the Socket.IO event being handled; it
+    /// receives the data of the event's first reply.
+    ack: Option<AckSender>,
+    transport: Transport,
     _slot: AddressSlot,
 }
 
@@ -139,9 +176,8 @@ pub fn frame(event: &str, data: &str) -> Utf8Bytes {
     Utf8Bytes::from(format!("{{\"event\":{name},\"data\":{data}}}"))
 }
 
-fn error_frame(code: &str, message: &str, event: Option<&str>) -> Utf8Bytes {
-    let data = json!({ "code": code, "message": message, "event": event });
-    frame("ERROR", &data.to_string())
+fn error_data(code: &str, message: &str, event: Option<&str>) -> String {
+    json!({ "code": code, "message": message, "event": event }).to_string()
 }
 
 /// Checks that a component's `data` is JSON, so a faulty component cannot
@@ -158,7 +194,8 @@ fn checked_data<'a>(component_event: &str, data: &'a str) -> Option<&'a str> {
 
 impl Session {
     /// Runs a session until it ends, then cleans up its presence.
-    pub async fn run(
+    /// Runs a session on a native WebSocket.
+    pub async fn run_websocket(
         app: Arc<App>,
         socket: WebSocket,
         remote: SocketAddr,
@@ -166,10 +203,32 @@ impl Session {
         slot: AddressSlot,
     ) {
         let (sink, stream) = socket.split();
+        let inbound = stream
+            .map(|item| match item {
+                Ok(message) => Inbound::Message(message),
+                Err(error) => Inbound::ReadError(error),
+            })
+            .boxed();
+        let spawn_writer = move |frames, abort| tokio::spawn(write_frames(sink, frames, abort));
+        let transport = Transport::WebSocket;
+        Self::run(app, transport, inbound, spawn_writer, remote, handshake_token, slot).await;
+    }
+
+    /// Runs a session on any transport: `inbound` yields what the client
+    /// sent, and `spawn_writer` starts the task that sends queued frames.
+    pub async fn run(
+        app: Arc<App>,
+        transport: Transport,
+        inbound: BoxStream<'static, Inbound>,
+        spawn_writer: impl FnOnce(mpsc::Receiver<Outgoing>, AbortSignal) -> tokio::task::JoinHandle<()>,
+        remote: SocketAddr,
+        handshake_token: Option<String>,
+        slot: AddressSlot,
+    ) {
         let (outgoing, outgoing_rx) = mpsc::channel(app.config.send_queue_frames);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (abort_writer, abort_rx) = watch::channel(None);
-        let writer = tokio::spawn(write_frames(sink, outgoing_rx, abort_rx));
+        let writer = spawn_writer(outgoing_rx, abort_rx);
         let mut session = Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
             remote,
@@ -187,6 +246,8 @@ impl Session {
             pending: VecDeque::new(),
             last_activity: Instant::now(),
             budget: FrameBudget::new(app.config.max_events_per_second),
+            ack: None,
+            transport,
             _slot: slot,
             app,
         };
@@ -200,7 +261,7 @@ impl Session {
         }
         let end = match session.closing {
             Some(code) => End::Closed(code),
-            None => session.read_loop(stream, control_rx).await,
+            None => session.read_loop(inbound, control_rx).await,
         };
         session.finish(end).await;
         drop(session);
@@ -212,7 +273,7 @@ impl Session {
 
     async fn read_loop(
         &mut self,
-        mut stream: SplitStream<WebSocket>,
+        mut inbound: BoxStream<'static, Inbound>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) -> End {
         let opened = Instant::now();
@@ -230,14 +291,24 @@ impl Session {
                 Some(_) => instant_at_ms(self.expires_at_ms),
                 None => far_future(),
             };
-            let idle_due = self.last_activity + self.app.config.inactivity_timeout();
+            let idle_due = match self.transport {
+                Transport::WebSocket => self.last_activity + self.app.config.inactivity_timeout(),
+                Transport::SocketIo => far_future(),
+            };
 
             tokio::select! {
-                message = stream.next() => {
-                    let Some(message) = message else { return End::ClientGone };
-                    match message {
-                        Ok(message) => self.on_message(message).await,
-                        Err(error) => return self.on_read_error(error),
+                item = inbound.next() => {
+                    let Some(item) = item else { return End::ClientGone };
+                    match item {
+                        Inbound::Message(message) => self.on_message(message).await,
+                        Inbound::ReadError(error) => return self.on_read_error(error),
+                        Inbound::Event { name, data, ack } => {
+                            self.last_activity = Instant::now();
+                            self.ack = ack;
+                            self.on_client_event(name, data).await;
+                            self.answer_ack("null");
+                        }
+                        Inbound::Closed => return End::ClientGone,
                     }
                 }
                 Some(instruction) = control.recv() => match instruction {
@@ -293,11 +364,7 @@ impl Session {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                self.reply(error_frame(
-                    "INVALID_FRAME",
-                    "binary frames are not supported; send JSON text",
-                    None,
-                ));
+                self.reply_error("INVALID_FRAME", "binary frames are not supported; send JSON text", None);
                 return;
             }
             Message::Ping(_) | Message::Pong(_) => return,
@@ -307,11 +374,7 @@ impl Session {
             }
         };
         if !self.budget.take() {
-            self.reply(error_frame(
-                "RATE_LIMITED",
-                "too many frames; slow down",
-                None,
-            ));
+            self.reply_error("RATE_LIMITED", "too many frames; slow down", None);
             return;
         }
         let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
@@ -319,24 +382,33 @@ impl Session {
             Err(error) => {
                 let message =
                     format!("frame is not a JSON object with a string \"event\": {error}");
-                self.reply(error_frame("INVALID_JSON", &message, None));
+                self.reply_error("INVALID_JSON", &message, None);
                 return;
             }
         };
         let event = frame.event;
         let data = frame.data.map_or("null", RawValue::get).to_string();
+        self.handle_client_event(event, data).await;
+    }
 
+    /// Handles a Socket.IO event: the frame budget, then the same checks and
+    /// dispatch as a native frame.
+    async fn on_client_event(&mut self, event: String, data: String) {
+        if !self.budget.take() {
+            self.reply_error("RATE_LIMITED", "too many events; slow down", Some(&event));
+            return;
+        }
+        self.handle_client_event(event, data).await;
+    }
+
+    async fn handle_client_event(&mut self, event: String, data: String) {
         if event.starts_with('$') || !self.app.manifest.events.contains_key(&event) {
             let message = format!("unknown event {event:?}");
-            self.reply(error_frame("UNKNOWN_EVENT", &message, Some(&event)));
+            self.reply_error("UNKNOWN_EVENT", &message, Some(&event));
             return;
         }
         if self.user_id.is_none() && !PUBLIC_EVENTS.contains(&event.as_str()) {
-            self.reply(error_frame(
-                "UNAUTHENTICATED",
-                "authenticate before sending this event",
-                Some(&event),
-            ));
+            self.reply_error("UNAUTHENTICATED", "authenticate before sending this event", Some(&event));
             return;
         }
         self.dispatch(&event, data, EventSource::Client).await;
@@ -435,7 +507,7 @@ impl Session {
         };
         // Host-raised events have no client request to answer.
         if source == EventSource::Client || event == "authenticate" {
-            self.reply(error_frame(&code, &message, Some(event)));
+            self.reply_error(&code, &message, Some(event));
         }
     }
 
@@ -445,7 +517,7 @@ impl Session {
             match effect {
                 Effect::Reply(outbound) => {
                     if let Some(data) = checked_data(&outbound.event, &outbound.data) {
-                        self.reply(frame(&outbound.event, data));
+                        self.reply_event(&outbound.event, data);
                     }
                 }
                 Effect::Deliver(delivery) => {
@@ -519,11 +591,7 @@ impl Session {
             }
             Some(current) => {
                 warn!(connection_id = %self.id, current = %current, requested = %user_id, "component tried to switch the user of a connection");
-                self.reply(error_frame(
-                    "UNAUTHORIZED",
-                    "a connection cannot switch users",
-                    Some(event),
-                ));
+                self.reply_error("UNAUTHORIZED", "a connection cannot switch users", Some(event));
                 return false;
             }
             None => {}
@@ -532,11 +600,7 @@ impl Session {
             Ok(bound) => bound,
             Err(error) => {
                 warn!(connection_id = %self.id, user_id, cause = %format!("{error:#}"), "bind failed");
-                self.reply(error_frame(
-                    "UNAVAILABLE",
-                    "presence store unavailable; retry",
-                    Some(event),
-                ));
+                self.reply_error("UNAVAILABLE", "presence store unavailable; retry", Some(event));
                 return false;
             }
         };
@@ -592,6 +656,33 @@ impl Session {
                 self.dispatch(&timer.event, timer.data, EventSource::Timer)
                     .await;
             }
+        }
+    }
+
+    /// Sends `ERROR {code, message, event}` on this connection.
+    fn reply_error(&mut self, code: &str, message: &str, event: Option<&str>) {
+        let data = error_data(code, message, event);
+        self.reply_event("ERROR", &data);
+    }
+
+    /// Sends an event on this connection; the first one after a Socket.IO
+    /// event with a callback also answers that callback with its data.
+    fn reply_event(&mut self, event: &str, data: &str) {
+        self.answer_ack(data);
+        self.reply(frame(event, data));
+    }
+
+    /// Answers the pending Socket.IO acknowledgement, if any, with `data`
+    /// (JSON text).
+    fn answer_ack(&mut self, data: &str) {
+        let Some(ack) = self.ack.take() else { return };
+        match RawValue::from_string(data.to_string()) {
+            Ok(raw) => {
+                if let Err(error) = ack.send(&raw) {
+                    debug!(connection_id = %self.id, cause = %error, "acknowledgement not sent");
+                }
+            }
+            Err(error) => warn!(connection_id = %self.id, cause = %error, "acknowledgement data is not JSON"),
         }
     }
 
@@ -750,7 +841,7 @@ async fn write_frames(
 
 /// Resolves once the session asks the writer to abort. The session dropping
 /// its sender is no abort: the writer then drains what is queued.
-async fn aborted(abort: &mut watch::Receiver<Option<(u16, String)>>) {
+pub(super) async fn aborted(abort: &mut AbortSignal) {
     if abort.wait_for(Option::is_some).await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -24,6 +24,13 @@ use super::session::Session;
 use crate::app::App;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
+/// Read buffer of one WebSocket; larger frames are read in several chunks.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Bytes a WebSocket may have waiting in its write buffer beyond one frame
+/// before a send fails; the session's own queue bounds the rest.
+const WRITE_BACKLOG_BYTES: usize = 64 * 1024;
+
 pub fn router(app: Arc<App>, socketio: SocketIoLayer) -> Router {
     let origins: Vec<HeaderValue> = app
         .allowed_origins
@@ -124,7 +131,12 @@ async fn websocket(
     };
     let token = bearer_token(&headers).or(query.token);
     let max = app.config.max_frame_bytes;
+    // tungstenite's default 128 KiB read and write buffers per connection
+    // would dominate an idle connection's memory; chat frames are small.
     upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max + WRITE_BACKLOG_BYTES)
         .max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| Session::run_websocket(app, socket, remote, token, slot))

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
@@ -10,15 +10,18 @@ use crate::config::Config;
 use crate::delivery::backplane::Backplane;
 use crate::delivery::registry::Registry;
 use crate::manifest::Manifest;
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
 pub struct App {
     pub config: Config,
-    pub manifest: Manifest,
-    pub runtime: Runtime,
+    /// The manifest in force; a reload replaces it.
+    manifest: RwLock<Arc<Manifest>>,
+    pub runtime: Arc<Runtime>,
     pub registry: Arc<Registry>,
     pub backplane: Arc<Backplane>,
     pub postgres: deadpool_postgres::Pool,
+    pub metrics: Arc<Metrics>,
     pub instance_id: String,
     pub allowed_origins: Vec<String>,
     /// Flips to true when the process starts shutting down.
@@ -31,21 +34,23 @@ impl App {
     pub fn new(
         config: Config,
         manifest: Manifest,
-        runtime: Runtime,
+        runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         backplane: Arc<Backplane>,
         postgres: deadpool_postgres::Pool,
+        metrics: Arc<Metrics>,
         instance_id: String,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let allowed_origins = config.allowed_origins();
         Self {
             config,
-            manifest,
+            manifest: RwLock::new(Arc::new(manifest)),
             runtime,
             registry,
             backplane,
             postgres,
+            metrics,
             instance_id,
             allowed_origins,
             shutdown,
@@ -66,6 +71,14 @@ impl App {
             app: self.clone(),
             ip,
         })
+    }
+
+    pub fn manifest(&self) -> Arc<Manifest> {
+        self.manifest.read().expect("manifest lock poisoned").clone()
+    }
+
+    pub fn set_manifest(&self, manifest: Manifest) {
+        *self.manifest.write().expect("manifest lock poisoned") = Arc::new(manifest);
     }
 
     pub fn is_origin_allowed(&self, origin: &str) -> bool {

@@ -1,13 +1,16 @@
-//! Host events that belong to no live connection: announcing the users of a
-//! dead instance as offline.
+//! Work that belongs to no live connection: announcing the users of a dead
+//! instance as offline, and reloading components on SIGHUP.
 
 use std::sync::Arc;
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::app::App;
+use crate::manifest::Manifest;
+use crate::metrics::Metrics;
+use crate::runtime::ReloadOutcome;
 use crate::net::session::frame;
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
 
@@ -24,7 +27,8 @@ pub fn spawn_offline_announcer(app: Arc<App>, mut users: mpsc::UnboundedReceiver
 /// Runs a host event for `user_id` outside any connection. Only effects
 /// that reach other users (deliveries and broadcasts) apply here.
 pub async fn run_detached(app: &App, user_id: &str, event_name: &str, data: String) {
-    let Some(targets) = app.manifest.events.get(event_name) else { return };
+    let manifest = app.manifest();
+    let Some(targets) = manifest.events.get(event_name) else { return };
     let connection = ConnectionInfo {
         id: format!("detached-{}", app.instance_id),
         instance_id: app.instance_id.clone(),
@@ -65,4 +69,70 @@ pub async fn run_detached(app: &App, user_id: &str, event_name: &str, data: Stri
             }
         }
     }
+}
+
+/// Reloads `spin.toml` and its components on every SIGHUP. Components that
+/// fail to load keep their previous version, and the new manifest's event
+/// routes apply only when every component it names is loaded.
+pub fn spawn_reloader(app: Arc<App>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                warn!(cause = %error, "failed to install the SIGHUP handler; reloads are off");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            reload(&app).await;
+        }
+    });
+}
+
+pub async fn reload(app: &App) {
+    info!("reloading the manifest and components");
+    let manifest = match Manifest::load(&app.config.manifest) {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            warn!(cause = %format!("{error:#}"), "reload rejected: the manifest is invalid; the current one stays");
+            count_reload(app, "rejected");
+            return;
+        }
+    };
+    let outcomes = match app.runtime.reload(&manifest, &app.config).await {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
+            warn!(cause = %format!("{error:#}"), "reload rejected");
+            count_reload(app, "rejected");
+            return;
+        }
+    };
+    for (component, outcome) in &outcomes {
+        match outcome {
+            ReloadOutcome::Unchanged => info!(component, "component unchanged"),
+            ReloadOutcome::Applied { digest } => {
+                info!(component, digest = %&digest[..12], "component reloaded");
+                count_reload(app, "applied");
+            }
+            ReloadOutcome::Rejected { reason } => {
+                warn!(component, %reason, "component rejected; the previous version keeps serving");
+                count_reload(app, "rejected");
+            }
+        }
+    }
+    let routed: Vec<&String> = manifest.events.values().flatten().collect();
+    if routed.iter().all(|id| app.runtime.has_component(id)) {
+        app.set_manifest(manifest);
+    } else {
+        warn!("new event routes name components that are not loaded; the current routes stay");
+    }
+}
+
+fn count_reload(app: &App, outcome: &'static str) {
+    app.metrics
+        .reloads
+        .get_or_create(&Metrics::label("outcome", outcome))
+        .inc();
 }

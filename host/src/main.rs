@@ -5,6 +5,7 @@ mod config;
 mod delivery;
 mod lifecycle;
 mod manifest;
+mod metrics;
 mod migrate;
 mod net;
 mod runtime;
@@ -115,9 +116,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let manifest = Manifest::load(&config.manifest)?;
     info!(application = %manifest.app_name, components = manifest.components.len(), "manifest loaded");
+    let metrics = Arc::new(metrics::Metrics::new());
     let backends = Arc::new(Backends::new(
         config.io_timeout(),
         config.postgres_pool_size,
+        metrics.clone(),
     ));
     let redis_url = config.redis_url();
     let commands = backends
@@ -125,7 +128,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("failed to connect to Redis; check REDIS_URL or REDIS_HOST/REDIS_PORT")?;
     let postgres = backends.postgres(&config.database_url).await?;
-    let runtime = Runtime::load(&manifest, &config, backends.clone())?;
+    let runtime = Arc::new(Runtime::load(&manifest, &config, backends.clone())?);
 
     let registry = Arc::new(Registry::default());
     let backplane = Backplane::connect(
@@ -133,6 +136,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         commands,
         instance_id.clone(),
         registry.clone(),
+        metrics.clone(),
         config.presence_ttl(),
         config.io_timeout(),
     )
@@ -158,11 +162,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         registry,
         backplane,
         postgres,
+        metrics,
         instance_id,
         shutdown_rx,
     ));
 
     lifecycle::spawn_offline_announcer(app.clone(), offline_rx);
+    lifecycle::spawn_reloader(app.clone());
     net::socketio::attach(&socketio, app.clone());
 
     let listener = tokio::net::TcpListener::bind(address)

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::registry::{Control, Registry};
+use crate::metrics::Metrics;
 
 pub const BROADCAST_CHANNEL: &str = "nexus:broadcast";
 const ONLINE_KEY: &str = "nexus:online";
@@ -108,6 +109,7 @@ pub struct Backplane {
     commands: ConnectionManager,
     subscriber: ConnectionManager,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     presence_ttl: Duration,
     bind_script: Script,
     unbind_script: Script,
@@ -139,6 +141,7 @@ impl Backplane {
         commands: ConnectionManager,
         instance_id: String,
         registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
         presence_ttl: Duration,
         io_timeout: Duration,
     ) -> anyhow::Result<Arc<Self>> {
@@ -163,6 +166,7 @@ impl Backplane {
             commands,
             subscriber,
             registry,
+            metrics,
             presence_ttl,
             bind_script: Script::new(BIND_SCRIPT),
             unbind_script: Script::new(UNBIND_SCRIPT),
@@ -183,14 +187,27 @@ impl Backplane {
     /// the user is on this instance, else with one `PUBLISH`.
     pub async fn deliver(&self, user_id: &str, frame: Utf8Bytes) -> anyhow::Result<()> {
         if self.registry.send_to_user(user_id, &frame) {
+            self.count_delivery("local");
             return Ok(());
         }
         let payload = format!("{DELIVERY_PREFIX}{}", frame.as_str());
         let mut commands = self.commands.clone();
-        commands
+        let published = commands
             .publish::<_, _, ()>(user_channel(user_id), payload)
-            .await
-            .context("failed to publish a delivery")
+            .await;
+        if published.is_err() {
+            self.metrics.storage_error("redis");
+        } else {
+            self.count_delivery("remote");
+        }
+        published.context("failed to publish a delivery")
+    }
+
+    fn count_delivery(&self, route: &'static str) {
+        self.metrics
+            .deliveries
+            .get_or_create(&Metrics::label("route", route))
+            .inc();
     }
 
     /// Sends a frame to every authenticated connection on every instance.

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 
 use super::session::Session;
 use crate::app::App;
+use crate::metrics::Metrics;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
 /// Read buffer of one WebSocket; larger frames are read in several chunks.
@@ -48,6 +49,7 @@ pub fn router(app: Arc<App>, socketio: SocketIoLayer) -> Router {
         .route("/ws", get(websocket))
         .route("/health", get(health))
         .route("/livez", get(livez))
+        .route("/metrics", get(metrics))
         .fallback(component_route)
         .layer(socketio)
         .layer(middleware::from_fn_with_state(app.clone(), check_socketio_origin))
@@ -67,6 +69,7 @@ async fn check_socketio_origin(
             let origin = origin.to_str().unwrap_or_default();
             if !app.is_origin_allowed(origin) {
                 debug!(origin, "socket.io origin rejected");
+                count_rejected(&app, "forbidden_origin");
                 return json_error(
                     StatusCode::FORBIDDEN,
                     "FORBIDDEN_ORIGIN",
@@ -107,6 +110,7 @@ async fn websocket(
         let origin = origin.to_str().unwrap_or_default();
         if !app.is_origin_allowed(origin) {
             debug!(%remote, origin, "websocket origin rejected");
+            count_rejected(&app, "forbidden_origin");
             return json_error(
                 StatusCode::FORBIDDEN,
                 "FORBIDDEN_ORIGIN",
@@ -123,6 +127,7 @@ async fn websocket(
     }
     let client_ip = client_address(&app, &headers, remote);
     let Some(slot) = app.admit(client_ip) else {
+        count_rejected(&app, "too_many_connections");
         return json_error(
             StatusCode::TOO_MANY_REQUESTS,
             "TOO_MANY_CONNECTIONS",
@@ -159,6 +164,29 @@ pub(super) fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr)
         .unwrap_or(remote.ip())
 }
 
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let metrics = &app.metrics;
+    metrics.authenticated_users.set(app.registry.len() as i64);
+    let status = app.postgres.status();
+    metrics
+        .postgres_pool
+        .get_or_create(&Metrics::label("state", "size"))
+        .set(status.size as i64);
+    metrics
+        .postgres_pool
+        .get_or_create(&Metrics::label("state", "available"))
+        .set(status.available as i64);
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], metrics.render()).into_response()
+}
+
+fn count_rejected(app: &App, reason: &'static str) {
+    app.metrics
+        .connection_errors
+        .get_or_create(&Metrics::label("reason", reason))
+        .inc();
+}
+
 async fn livez() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
@@ -169,7 +197,16 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     let components: Vec<_> = app
         .runtime
         .components()
-        .map(|component| json!({ "id": component.id, "digest": component.digest, "status": "ok" }))
+        .iter()
+        .map(|component| {
+            json!({
+                "id": component.id,
+                "digest": component.digest,
+                "generation": component.generation,
+                "loadedAt": component.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "status": "ok",
+            })
+        })
         .collect();
     let ready = redis && postgres;
     let body = json!({
@@ -202,7 +239,8 @@ async fn postgres_ready(app: &App) -> bool {
 /// Serves `spin.toml`'s HTTP routes through the owning component.
 async fn component_route(State(app): State<Arc<App>>, request: Request) -> Response {
     let path = request.uri().path().to_string();
-    let Some(route) = app.manifest.route_for(&path) else {
+    let manifest = app.manifest();
+    let Some(route) = manifest.route_for(&path) else {
         return json_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route");
     };
     let component = route.component.clone();

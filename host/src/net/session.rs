@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::close;
 use crate::app::{AddressSlot, App};
+use crate::metrics::Metrics;
 use crate::delivery::registry::{Control, Insert, Outgoing, SessionHandle};
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
 use crate::runtime::InvokeError;
@@ -229,6 +230,7 @@ impl Session {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (abort_writer, abort_rx) = watch::channel(None);
         let writer = spawn_writer(outgoing_rx, abort_rx);
+        app.metrics.connections.inc();
         let mut session = Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
             remote,
@@ -264,6 +266,7 @@ impl Session {
             None => session.read_loop(inbound, control_rx).await,
         };
         session.finish(end).await;
+        session.app.metrics.connections.dec();
         drop(session);
         let abort = writer.abort_handle();
         if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer).await.is_err() {
@@ -355,6 +358,11 @@ impl Session {
             }
         };
         debug!(connection_id = %self.id, cause = %text, code, "closing after a bad frame");
+        self.app
+            .metrics
+            .connection_errors
+            .get_or_create(&Metrics::label("reason", reason))
+            .inc();
         self.close(code, reason);
         End::Closed(code)
     }
@@ -402,7 +410,7 @@ impl Session {
     }
 
     async fn handle_client_event(&mut self, event: String, data: String) {
-        if event.starts_with('$') || !self.app.manifest.events.contains_key(&event) {
+        if event.starts_with('$') || !self.app.manifest().events.contains_key(&event) {
             let message = format!("unknown event {event:?}");
             self.reply_error("UNKNOWN_EVENT", &message, Some(&event));
             return;
@@ -438,7 +446,7 @@ impl Session {
     }
 
     async fn dispatch_one(&mut self, event_name: &str, data: String, source: EventSource) {
-        let Some(targets) = self.app.manifest.events.get(event_name).cloned() else {
+        let Some(targets) = self.app.manifest().events.get(event_name).cloned() else {
             if source != EventSource::Client {
                 debug!(event = event_name, "no component handles this host event");
             }
@@ -457,7 +465,25 @@ impl Session {
                 .runtime
                 .invoke(component, &connection, &event)
                 .await;
-            let elapsed_us = started.elapsed().as_micros() as u64;
+            let elapsed = started.elapsed();
+            let elapsed_us = elapsed.as_micros() as u64;
+            let metrics = &self.app.metrics;
+            metrics
+                .invocation_seconds
+                .get_or_create(&Metrics::label("component", component.as_str()))
+                .observe(elapsed.as_secs_f64());
+            let outcome_label = match &outcome {
+                Ok(_) => "ok",
+                Err(InvokeError::Rejected(_)) => "rejected",
+                Err(InvokeError::Trapped(_)) => "trapped",
+                Err(InvokeError::DeadlineExceeded) => "timed_out",
+                Err(InvokeError::Unavailable(_)) => "unavailable",
+            };
+            metrics.event(event_name, outcome_label);
+            if matches!(outcome_label, "trapped" | "timed_out") {
+                let labels = vec![("component", component.clone()), ("kind", outcome_label.to_string())];
+                metrics.guest_failures.get_or_create(&labels).inc();
+            }
             match outcome {
                 Ok(effects) => {
                     debug!(
@@ -516,11 +542,17 @@ impl Session {
         for effect in effects {
             match effect {
                 Effect::Reply(outbound) => {
+                    if outbound.event == "RATE_LIMIT_EXCEEDED" {
+                        self.count_rate_limited(event);
+                    }
                     if let Some(data) = checked_data(&outbound.event, &outbound.data) {
                         self.reply_event(&outbound.event, data);
                     }
                 }
                 Effect::Deliver(delivery) => {
+                    if delivery.event == "NEW_MESSAGE" && event == "NEW_MESSAGE" {
+                        self.app.metrics.messages.inc();
+                    }
                     let Some(data) = checked_data(&delivery.event, &delivery.data) else {
                         continue;
                     };
@@ -659,8 +691,19 @@ impl Session {
         }
     }
 
+    fn count_rate_limited(&self, event: &str) {
+        self.app
+            .metrics
+            .rate_limited
+            .get_or_create(&Metrics::label("event", event))
+            .inc();
+    }
+
     /// Sends `ERROR {code, message, event}` on this connection.
     fn reply_error(&mut self, code: &str, message: &str, event: Option<&str>) {
+        if code == "RATE_LIMITED" {
+            self.count_rate_limited("frames");
+        }
         let data = error_data(code, message, event);
         self.reply_event("ERROR", &data);
     }
@@ -750,6 +793,13 @@ impl Session {
             End::Closed(code) => Some(code),
         };
         debug!(connection_id = %self.id, code, "connection closing");
+        if let Some(code) = code {
+            self.app
+                .metrics
+                .closes
+                .get_or_create(&Metrics::label("code", code.to_string()))
+                .inc();
+        }
         let Some(user_id) = self.user_id.clone() else {
             return;
         };

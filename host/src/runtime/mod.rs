@@ -13,7 +13,8 @@ pub mod state;
 pub mod variables;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -30,8 +31,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::config::Config;
-use crate::manifest::{expand_template, Manifest};
-use bindings::{ChatHostPre, ConnectionInfo, Effect, Event, HandlerError};
+use crate::manifest::{expand_template, ComponentSpec, Manifest};
+use bindings::{ChatHostPre, ConnectionInfo, Effect, Event, EventSource, HandlerError};
 use outbound::{url_host_port, OutboundPolicy};
 use state::{Backends, ComponentContext, State};
 
@@ -43,6 +44,10 @@ pub struct LoadedComponent {
     pub id: String,
     /// SHA-256 of the `.wasm` file, in hex.
     pub digest: String,
+    /// Load number, unique within this process; a reload that applies a new
+    /// version gets a higher one.
+    pub generation: u64,
+    pub loaded_at: chrono::DateTime<chrono::Utc>,
     context: Arc<ComponentContext>,
     handler: ChatHostPre<State>,
     proxy: ProxyPre<State>,
@@ -67,12 +72,27 @@ pub enum InvokeError {
 
 pub struct Runtime {
     engine: Engine,
-    components: HashMap<String, Arc<LoadedComponent>>,
+    linker: Linker<State>,
+    components: RwLock<HashMap<String, Arc<LoadedComponent>>>,
     backends: Arc<Backends>,
     permits: Semaphore,
     deadline: Duration,
     memory_cap: usize,
+    /// Counts loads, so every loaded version has its own number.
+    generations: AtomicU64,
 }
+
+/// What a reload did with one component.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Applied { digest: String },
+    Rejected { reason: String },
+}
+
+/// Name of the event a new component version must handle, without a trap,
+/// before it serves. Any typed reply, an error included, passes.
+const SELF_CHECK_EVENT: &str = "$self-check";
 
 impl Runtime {
     /// Builds the engine and loads every component of the manifest.
@@ -93,98 +113,197 @@ impl Runtime {
             |state| state,
         )?;
 
-        let app_variables = resolve_app_variables(manifest, config)?;
-        let mut components = HashMap::new();
-        for spec in &manifest.components {
-            let started = Instant::now();
-            let bytes = std::fs::read(&spec.source).with_context(|| {
-                format!(
-                    "failed to read component {} from {}; build the components first",
-                    spec.id,
-                    spec.source.display()
-                )
-            })?;
-            let digest = hex::encode(Sha256::digest(&bytes));
-            let component = Component::new(&engine, &bytes)
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("failed to compile component {}", spec.id))?;
-            let pre = linker
-                .instantiate_pre(&component)
-                .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "component {} imports what the host does not provide",
-                        spec.id
-                    )
-                })?;
-            let handler = ChatHostPre::new(pre.clone())
-                .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "component {} does not export {}",
-                        spec.id, manifest.interface
-                    )
-                })?;
-            let proxy = ProxyPre::new(pre)
-                .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "component {} does not export wasi:http/incoming-handler",
-                        spec.id
-                    )
-                })?;
-
-            let mut variables = HashMap::new();
-            for (name, template) in &spec.variables {
-                let value = expand_template(template, &app_variables)
-                    .with_context(|| format!("component {} variable {name}", spec.id))?;
-                variables.insert(name.clone(), value);
-            }
-            let allowed: Vec<String> = spec
-                .allowed_outbound_hosts
-                .iter()
-                .map(|entry| expand_template(entry, &app_variables))
-                .collect::<anyhow::Result<_>>()?;
-            let outbound = OutboundPolicy::new(&allowed)
-                .with_context(|| format!("component {} allowed_outbound_hosts", spec.id))?;
-
-            info!(
-                component = %spec.id,
-                digest = %&digest[..12],
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "component loaded"
-            );
-            let context = Arc::new(ComponentContext {
-                id: spec.id.clone(),
-                variables,
-                outbound,
-            });
-            let loaded = LoadedComponent {
-                id: spec.id.clone(),
-                digest,
-                context,
-                handler,
-                proxy,
-            };
-            components.insert(spec.id.clone(), Arc::new(loaded));
-        }
-
-        Ok(Self {
+        let runtime = Self {
             engine,
-            components,
+            linker,
+            components: RwLock::new(HashMap::new()),
             backends,
             permits: Semaphore::new(config.max_concurrent_instances as usize),
             deadline: config.handler_deadline(),
             memory_cap,
+            generations: AtomicU64::new(0),
+        };
+        let app_variables = resolve_app_variables(manifest, config)?;
+        let mut components = HashMap::new();
+        for spec in &manifest.components {
+            let loaded = runtime.compile(spec, &app_variables, &manifest.interface)?;
+            components.insert(spec.id.clone(), Arc::new(loaded));
+        }
+        *runtime.components.write().expect("components lock poisoned") = components;
+        Ok(runtime)
+    }
+
+    /// Compiles and pre-instantiates one component against the host's
+    /// linker, with its variables and outbound hosts resolved.
+    fn compile(
+        &self,
+        spec: &ComponentSpec,
+        app_variables: &BTreeMap<String, String>,
+        interface: &str,
+    ) -> anyhow::Result<LoadedComponent> {
+        let started = Instant::now();
+        let bytes = std::fs::read(&spec.source).with_context(|| {
+            format!(
+                "failed to read component {} from {}; build the components first",
+                spec.id,
+                spec.source.display()
+            )
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("failed to compile component {}", spec.id))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!("component {} imports what the host does not provide", spec.id)
+            })?;
+        let handler = ChatHostPre::new(pre.clone())
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("component {} does not export {interface}", spec.id))?;
+        let proxy = ProxyPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!("component {} does not export wasi:http/incoming-handler", spec.id)
+            })?;
+
+        let mut variables = HashMap::new();
+        for (name, template) in &spec.variables {
+            let value = expand_template(template, app_variables)
+                .with_context(|| format!("component {} variable {name}", spec.id))?;
+            variables.insert(name.clone(), value);
+        }
+        let allowed: Vec<String> = spec
+            .allowed_outbound_hosts
+            .iter()
+            .map(|entry| expand_template(entry, app_variables))
+            .collect::<anyhow::Result<_>>()?;
+        let outbound = OutboundPolicy::new(&allowed)
+            .with_context(|| format!("component {} allowed_outbound_hosts", spec.id))?;
+
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            component = %spec.id,
+            digest = %&digest[..12],
+            generation,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "component compiled"
+        );
+        Ok(LoadedComponent {
+            id: spec.id.clone(),
+            digest,
+            generation,
+            loaded_at: chrono::Utc::now(),
+            context: Arc::new(ComponentContext {
+                id: spec.id.clone(),
+                variables,
+                outbound,
+            }),
+            handler,
+            proxy,
         })
     }
 
-    pub fn components(&self) -> impl Iterator<Item = &Arc<LoadedComponent>> {
-        self.components.values()
+    /// Loads the components of `manifest` whose file or settings changed.
+    /// A new version serves only after it compiled, linked against the
+    /// host's interfaces and handled a self-check event without a trap;
+    /// otherwise the previous version keeps serving. Events already running
+    /// finish on the version they started on.
+    pub async fn reload(
+        self: &Arc<Self>,
+        manifest: &Manifest,
+        config: &Config,
+    ) -> anyhow::Result<Vec<(String, ReloadOutcome)>> {
+        let app_variables = resolve_app_variables(manifest, config)?;
+        let mut outcomes = Vec::new();
+        for spec in &manifest.components {
+            let outcome = self.reload_one(spec, &app_variables, &manifest.interface).await;
+            outcomes.push((spec.id.clone(), outcome));
+        }
+        Ok(outcomes)
+    }
+
+    async fn reload_one(
+        self: &Arc<Self>,
+        spec: &ComponentSpec,
+        app_variables: &BTreeMap<String, String>,
+        interface: &str,
+    ) -> ReloadOutcome {
+        let current = self.component(&spec.id).ok();
+        let runtime = self.clone();
+        let (spec_owned, variables, interface) =
+            (spec.clone(), app_variables.clone(), interface.to_string());
+        // Compiling takes about a second of CPU, off the async workers.
+        let compiled = tokio::task::spawn_blocking(move || {
+            runtime.compile(&spec_owned, &variables, &interface)
+        })
+        .await;
+        let loaded = match compiled {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(error)) => return ReloadOutcome::Rejected { reason: format!("{error:#}") },
+            Err(error) => return ReloadOutcome::Rejected { reason: format!("compile task failed: {error}") },
+        };
+        if let Some(current) = &current {
+            let same_settings = current.context.variables == loaded.context.variables
+                && current.context.outbound == loaded.context.outbound;
+            if current.digest == loaded.digest && same_settings {
+                return ReloadOutcome::Unchanged;
+            }
+        }
+        let loaded = Arc::new(loaded);
+        if let Err(reason) = self.self_check(&loaded).await {
+            return ReloadOutcome::Rejected { reason };
+        }
+        let digest = loaded.digest.clone();
+        self.components
+            .write()
+            .expect("components lock poisoned")
+            .insert(spec.id.clone(), loaded);
+        ReloadOutcome::Applied { digest }
+    }
+
+    /// Runs the self-check event on a fresh instance of a new version.
+    async fn self_check(&self, loaded: &Arc<LoadedComponent>) -> Result<(), String> {
+        let connection = ConnectionInfo {
+            id: "self-check".to_string(),
+            instance_id: String::new(),
+            user_id: None,
+            expires_at_ms: 0,
+            remote_addr: String::new(),
+            now_ms: chrono::Utc::now().timestamp_millis().max(0) as u64,
+        };
+        let event = Event {
+            name: SELF_CHECK_EVENT.to_string(),
+            data: "{}".to_string(),
+            source: EventSource::Host,
+        };
+        match self.invoke_loaded(loaded.clone(), &connection, &event).await {
+            Ok(_) | Err(InvokeError::Rejected(_)) => Ok(()),
+            Err(error) => Err(format!("self-check failed: {error}")),
+        }
+    }
+
+    pub fn components(&self) -> Vec<Arc<LoadedComponent>> {
+        let components = self.components.read().expect("components lock poisoned");
+        let mut list: Vec<_> = components.values().cloned().collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Reports whether a component with this id is loaded.
+    pub fn has_component(&self, id: &str) -> bool {
+        self.components
+            .read()
+            .expect("components lock poisoned")
+            .contains_key(id)
     }
 
     fn component(&self, id: &str) -> anyhow::Result<Arc<LoadedComponent>> {
         self.components
+            .read()
+            .expect("components lock poisoned")
             .get(id)
             .cloned()
             .with_context(|| format!("component {id} is not loaded"))
@@ -243,6 +362,16 @@ impl Runtime {
         let loaded = self
             .component(component)
             .map_err(|error| InvokeError::Unavailable(error.to_string()))?;
+        self.invoke_loaded(loaded, connection, event).await
+    }
+
+    async fn invoke_loaded(
+        &self,
+        loaded: Arc<LoadedComponent>,
+        connection: &ConnectionInfo,
+        event: &Event,
+    ) -> Result<Vec<Effect>, InvokeError> {
+        let component = loaded.id.as_str();
         let _permit = self
             .permits
             .acquire()

@@ -76,7 +76,7 @@ pub fn url_host_port(url: &str) -> Option<(String, u16)> {
 }
 
 /// The allowed hosts of one component.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboundPolicy {
     allowed: Vec<AllowedHost>,
 }

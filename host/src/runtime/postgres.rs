@@ -262,6 +262,9 @@ impl State {
         };
         let result = self.timed(future).await;
         self.table.get_mut(handle)?.client = Some(client);
+        if !matches!(result, Ok(Ok(_))) {
+            self.backends.metrics.storage_error("postgres");
+        }
         Ok(match result {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(error)) => Err(map_error(&component, error)),
@@ -316,6 +319,7 @@ impl wit::HostConnection for State {
         let client = match self.timed(future).await {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
+                self.backends.metrics.storage_error("postgres");
                 warn!(component = %self.component.id, cause = %format!("{error:#}"), "postgres connect failed");
                 return Ok(Err(wit::Error::ConnectionFailed(format!("{error:#}"))));
             }

@@ -48,11 +48,15 @@ impl State {
     ) -> WitResult<T> {
         let manager = self.redis_manager(handle)?;
         let component = self.component.id.clone();
-        Ok(match self.timed(call(manager)).await {
+        let result = match self.timed(call(manager)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(map_error(&component, error)),
             Err(_) => Err(timeout_error()),
-        })
+        };
+        if result.is_err() {
+            self.backends.metrics.storage_error("redis");
+        }
+        Ok(result)
     }
 }
 
@@ -154,6 +158,7 @@ impl wit::HostConnection for State {
         let manager = match self.timed(backends.redis(&address)).await {
             Ok(Ok(manager)) => manager,
             Ok(Err(error)) => {
+                self.backends.metrics.storage_error("redis");
                 warn!(component = %self.component.id, cause = %error, "redis connect failed");
                 return Ok(Err(wit::Error::Other(format!("{error:#}"))));
             }

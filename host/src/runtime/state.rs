@@ -14,10 +14,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::outbound::OutboundPolicy;
+use crate::metrics::Metrics;
 
 /// Redis connections and Postgres pools shared by all instances, keyed by
 /// the address a component opens.
 pub struct Backends {
+    pub metrics: Arc<Metrics>,
     redis: Mutex<HashMap<String, ConnectionManager>>,
     postgres: Mutex<HashMap<String, deadpool_postgres::Pool>>,
     pub io_timeout: Duration,
@@ -25,8 +27,9 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn new(io_timeout: Duration, postgres_pool_size: usize) -> Self {
+    pub fn new(io_timeout: Duration, postgres_pool_size: usize, metrics: Arc<Metrics>) -> Self {
         Self {
+            metrics,
             redis: Mutex::new(HashMap::new()),
             postgres: Mutex::new(HashMap::new()),
             io_timeout,

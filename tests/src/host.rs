@@ -160,10 +160,11 @@ impl HostProcess {
         let mut env = env.clone();
         env.insert("PORT".into(), port.to_string());
         env.insert("NEXUS_INSTANCE_ID".into(), instance_id.to_owned());
-        env.insert(
-            "NEXUS_MANIFEST".into(),
-            manifest_path().display().to_string(),
-        );
+        // A test may point the host at its own copy of the manifest.
+        let manifest = env
+            .entry("NEXUS_MANIFEST".into())
+            .or_insert_with(|| manifest_path().display().to_string())
+            .clone();
 
         // The options belong to nexus-host itself, so they come before the
         // subcommand.
@@ -172,7 +173,7 @@ impl HostProcess {
             .arg("--port")
             .arg(port.to_string())
             .arg("--manifest")
-            .arg(manifest_path())
+            .arg(manifest)
             .arg("serve")
             .stdout(log_for_stdout)
             .stderr(log);
@@ -233,6 +234,20 @@ impl HostProcess {
 
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// Returns the process id while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Returns the process's resident memory (`VmRSS` of
+    /// `/proc/PID/status`) in KiB, or `None` when the process is gone or the
+    /// file cannot be read.
+    pub fn resident_memory_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// Returns the exit status if the process has exited.

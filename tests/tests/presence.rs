@@ -198,3 +198,65 @@ async fn instance_failure_marks_users_offline() {
     let _bob = system.connect(0, "bob").await;
     recv_presence(&mut alice, "bob", "online", EVENT_TIMEOUT).await;
 }
+
+#[tokio::test]
+async fn explicit_presence_subscription() {
+    let system = System::start(2).await;
+    let mut watcher = system.connect(0, "watcher").await;
+
+    watcher
+        .send(
+            "SUBSCRIBE_PRESENCE",
+            serde_json::json!({"userIds": ["bob"]}),
+        )
+        .await;
+    let subscribed = watcher
+        .recv_event("PRESENCE_SUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    assert_eq!(
+        subscribed["userIds"],
+        serde_json::json!(["bob"]),
+        "subscribed ids"
+    );
+    recv_presence(&mut watcher, "bob", "offline", EVENT_TIMEOUT).await;
+
+    // bob has never exchanged a message with the watcher, and connects to
+    // the other instance.
+    let bob = system.connect(1, "bob").await;
+    recv_presence(&mut watcher, "bob", "online", EVENT_TIMEOUT).await;
+
+    watcher
+        .send(
+            "UNSUBSCRIBE_PRESENCE",
+            serde_json::json!({"userIds": ["bob"]}),
+        )
+        .await;
+    watcher
+        .recv_event("PRESENCE_UNSUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    bob.close().await;
+    watcher
+        .expect_no_event("USER_PRESENCE_UPDATE", QUIET_PERIOD)
+        .await;
+}
+
+#[tokio::test]
+async fn presence_subscription_rejects_bad_ids() {
+    let system = System::start(1).await;
+    let mut watcher = system.connect(0, "watcher").await;
+    let too_many: Vec<String> = (0..101).map(|index| format!("user{index}")).collect();
+    for data in [
+        serde_json::json!({}),
+        serde_json::json!({"userIds": "bob"}),
+        serde_json::json!({"userIds": []}),
+        serde_json::json!({"userIds": [5]}),
+        serde_json::json!({"userIds": too_many}),
+    ] {
+        watcher.send("SUBSCRIBE_PRESENCE", data.clone()).await;
+        let error = watcher.recv_event("ERROR", EVENT_TIMEOUT).await;
+        assert_eq!(error["code"], "VALIDATION_ERROR", "code for {data}");
+        assert_eq!(error["event"], "SUBSCRIBE_PRESENCE", "event for {data}");
+    }
+    let status = watcher.health_check().await;
+    assert_eq!(status["status"], "ok", "the connection stopped working");
+}

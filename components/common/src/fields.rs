@@ -60,6 +60,38 @@ pub fn user_id<'a>(object: &'a Object, field: &str) -> Result<&'a str> {
     Ok(value)
 }
 
+/// Returns the array field `field` of 1 to `max` user ids, without
+/// repeats, in the order given.
+pub fn user_id_list(object: &Object, field: &str, max: usize) -> Result<Vec<String>> {
+    let items = match object.get(field) {
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(Error::validation(format!(
+                "{field} must be an array of user ids"
+            )))
+        }
+        None => return Err(Error::validation(format!("{field} is required"))),
+    };
+    if items.is_empty() || items.len() > max {
+        return Err(Error::validation(format!(
+            "{field} must name 1 to {max} user ids"
+        )));
+    }
+    let mut ids: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::String(id) = item else {
+            return Err(Error::validation(format!(
+                "{field} must contain only strings"
+            )));
+        };
+        check_id(field, id)?;
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    Ok(ids)
+}
+
 /// Returns the `receiverId` field, which must be a user id other than
 /// `sender`.
 pub fn receiver_id<'a>(object: &'a Object, sender: &str) -> Result<&'a str> {
@@ -145,6 +177,23 @@ mod tests {
             assert!(parse_object(data).is_err(), "{data}");
         }
         assert!(parse_object("{").is_err());
+    }
+
+    #[test]
+    fn user_id_list_checks_shape_and_bounds() {
+        let data = object(r#"{"userIds": ["bob", "carol", "bob"]}"#);
+        assert_eq!(
+            user_id_list(&data, "userIds", 10).unwrap(),
+            vec!["bob", "carol"]
+        );
+        let empty = object(r#"{"userIds": []}"#);
+        assert!(user_id_list(&empty, "userIds", 10).is_err());
+        let too_many = object(r#"{"userIds": ["a", "b", "c"]}"#);
+        assert!(user_id_list(&too_many, "userIds", 2).is_err());
+        let mixed = object(r#"{"userIds": ["a", 5]}"#);
+        assert!(user_id_list(&mixed, "userIds", 10).is_err());
+        let missing = object(r#"{}"#);
+        assert!(user_id_list(&missing, "userIds", 10).is_err());
     }
 
     #[test]

@@ -17,6 +17,18 @@ pub fn owner_key(user_id: &str) -> String {
     format!("nexus:owner:{user_id}")
 }
 
+/// Returns the key of the set of users that subscribed to the presence of
+/// `user_id` with `SUBSCRIBE_PRESENCE`.
+pub fn watchers_key(user_id: &str) -> String {
+    format!("nexus:watchers:{user_id}")
+}
+
+/// Returns the key of the set of receivers that `user_id` shows a typing
+/// indicator to.
+pub fn typing_key(user_id: &str) -> String {
+    format!("nexus:typing:{user_id}")
+}
+
 /// Returns the key of the set of users that `user_id` has exchanged a
 /// message with.
 pub fn partners_key(user_id: &str) -> String {

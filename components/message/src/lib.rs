@@ -94,7 +94,14 @@ fn new_message(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
 
     let receiver_offline = !is_connected(&redis, receiver)?;
     let db = storage::open_postgres()?;
-    let message = store(&db, sender, receiver, content, client_message_id, receiver_offline)?;
+    let message = store(
+        &db,
+        sender,
+        receiver,
+        content,
+        client_message_id,
+        receiver_offline,
+    )?;
 
     if fault == Some(Fault::TrapAfterStore)
         && first_fault_attempt(&redis, sender, client_message_id)?

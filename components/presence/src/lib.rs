@@ -42,6 +42,10 @@ impl Guest for Presence {
             (TYPING_EXPIRED, EventSource::Timer) => typing_expired(&conn, &event),
             ("GET_ONLINE_USERS", EventSource::Client) => get_online_users(&conn),
             ("HEALTH_CHECK", EventSource::Client) => Ok(health_check(&conn)),
+            ("SUBSCRIBE_PRESENCE", EventSource::Client) => subscribe_presence(&conn, &event, true),
+            ("UNSUBSCRIBE_PRESENCE", EventSource::Client) => {
+                subscribe_presence(&conn, &event, false)
+            }
             ("$connected", EventSource::Host) => presence_changed(&event, true),
             ("$disconnected", EventSource::Host) => presence_changed(&event, false),
             (other, _) => Err(Error::unknown_event("presence", other)),
@@ -110,6 +114,7 @@ fn typing_start(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> 
         return Ok(vec![limited]);
     }
     let timeout_ms = settings::get_u64("typing_timeout_ms", 1)?;
+    remember_typing(&redis, sender, receiver, timeout_ms)?;
     Ok(vec![
         typing_update(sender, receiver, true),
         Effect::StartTimer(Timer {
@@ -134,6 +139,7 @@ fn typing_stop(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
     if let Some(limited) = rate_limit(&redis, "typing", sender, "typing", &event.name)? {
         return Ok(vec![limited]);
     }
+    forget_typing(&redis, sender, receiver)?;
     Ok(vec![
         typing_update(sender, receiver, false),
         Effect::CancelTimer(TimerCancel {
@@ -148,7 +154,89 @@ fn typing_expired(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error
     let sender = sender(conn)?;
     let data = fields::parse_object(&event.data)?;
     let receiver = fields::user_id(&data, "receiverId")?;
+    let redis = storage::open_redis()?;
+    forget_typing(&redis, sender, receiver)?;
     Ok(vec![typing_update(sender, receiver, false)])
+}
+
+/// Records that `sender` shows a typing indicator to `receiver`, so that
+/// the indicator can be cleared when the sender's instance dies and its
+/// timers with it. The record outlives the timer a little and then expires.
+fn remember_typing(
+    redis: &redis::Connection,
+    sender: &str,
+    receiver: &str,
+    timeout_ms: u64,
+) -> Result<(), Error> {
+    let key = presence::typing_key(sender);
+    redis
+        .sadd(&key, &[receiver.to_owned()])
+        .map_err(|error| Error::unavailable("Redis", "SADD", &error))?;
+    let ttl_ms = timeout_ms.saturating_mul(2);
+    storage::execute(
+        redis,
+        "PEXPIRE",
+        &[storage::text(&key), storage::integer(ttl_ms)],
+    )?;
+    Ok(())
+}
+
+fn forget_typing(redis: &redis::Connection, sender: &str, receiver: &str) -> Result<(), Error> {
+    redis
+        .srem(&presence::typing_key(sender), &[receiver.to_owned()])
+        .map_err(|error| Error::unavailable("Redis", "SREM", &error))?;
+    Ok(())
+}
+
+/// Most user ids one `SUBSCRIBE_PRESENCE` or `UNSUBSCRIBE_PRESENCE` may name.
+const SUBSCRIBE_MAX_IDS: usize = 100;
+
+/// Handles `SUBSCRIBE_PRESENCE {userIds}`: the connection's user receives
+/// `USER_PRESENCE_UPDATE` for these users from now on, as a conversation
+/// partner does, and gets their current status at once.
+fn subscribe_presence(
+    conn: &Connection,
+    event: &Event,
+    subscribe: bool,
+) -> Result<Vec<Effect>, Error> {
+    let watcher = sender(conn)?;
+    let data = fields::parse_object(&event.data)?;
+    let targets = fields::user_id_list(&data, "userIds", SUBSCRIBE_MAX_IDS)?;
+    let redis = storage::open_redis()?;
+    let mut effects = Vec::new();
+    for target in &targets {
+        let key = presence::watchers_key(target);
+        if subscribe {
+            redis
+                .sadd(&key, &[watcher.to_owned()])
+                .map_err(|error| Error::unavailable("Redis", "SADD", &error))?;
+            let owner = storage::execute(
+                &redis,
+                "EXISTS",
+                &[storage::text(&presence::owner_key(target))],
+            )?;
+            let online =
+                matches!(owner.as_slice(), [redis::RedisResult::Int64(count)] if *count > 0);
+            effects.push(reply(
+                "USER_PRESENCE_UPDATE",
+                payload::presence_update(target, online),
+            ));
+        } else {
+            redis
+                .srem(&key, &[watcher.to_owned()])
+                .map_err(|error| Error::unavailable("Redis", "SREM", &error))?;
+        }
+    }
+    let name = if subscribe {
+        "PRESENCE_SUBSCRIBED"
+    } else {
+        "PRESENCE_UNSUBSCRIBED"
+    };
+    effects.insert(
+        0,
+        reply(name, serde_json::json!({ "userIds": targets }).to_string()),
+    );
+    Ok(effects)
 }
 
 /// Handles `GET_ONLINE_USERS`: replies `ONLINE_USERS` with the users seen
@@ -194,29 +282,44 @@ fn presence_changed(event: &Event, online: bool) -> Result<Vec<Effect>, Error> {
     let user = fields::user_id(&data, "userId")?;
     let update = payload::presence_update(user, online);
     let reach = PresenceReach::parse(&settings::get("presence_reach")?)?;
+    let redis = storage::open_redis()?;
+    let mut effects = Vec::new();
+    if !online {
+        // Timers of a dead instance never fire, so indicators it left
+        // behind are cleared here; after a clean close the set is empty.
+        let typing_key = presence::typing_key(user);
+        let receivers = redis
+            .smembers(&typing_key)
+            .map_err(|error| Error::unavailable("Redis", "SMEMBERS", &error))?;
+        for receiver in receivers {
+            effects.push(typing_update(user, &receiver, false));
+        }
+        redis
+            .del(&[typing_key])
+            .map_err(|error| Error::unavailable("Redis", "DEL", &error))?;
+    }
     match reach {
-        PresenceReach::Broadcast => Ok(vec![Effect::Broadcast(Outbound {
+        PresenceReach::Broadcast => effects.push(Effect::Broadcast(Outbound {
             event: "USER_PRESENCE_UPDATE".to_owned(),
             data: update,
-        })]),
+        })),
         PresenceReach::Partners => {
-            let redis = storage::open_redis()?;
-            let partners = redis
-                .smembers(&presence::partners_key(user))
-                .map_err(|error| Error::unavailable("Redis", "SMEMBERS", &error))?;
-            let deliveries = partners
-                .into_iter()
-                .map(|partner| {
-                    Effect::Deliver(Delivery {
-                        user_id: partner,
-                        event: "USER_PRESENCE_UPDATE".to_owned(),
-                        data: update.clone(),
-                    })
-                })
-                .collect();
-            Ok(deliveries)
+            // Conversation partners and explicit subscribers, once each.
+            let arguments = [
+                storage::text(&presence::partners_key(user)),
+                storage::text(&presence::watchers_key(user)),
+            ];
+            let audience = storage::reply_strings(&storage::execute(&redis, "SUNION", &arguments)?);
+            for member in audience {
+                effects.push(Effect::Deliver(Delivery {
+                    user_id: member,
+                    event: "USER_PRESENCE_UPDATE".to_owned(),
+                    data: update.clone(),
+                }));
+            }
         }
     }
+    Ok(effects)
 }
 
 /// Export of `wasi:http/incoming-handler` for the component's HTTP route.

@@ -74,7 +74,10 @@ impl App {
     }
 
     pub fn manifest(&self) -> Arc<Manifest> {
-        self.manifest.read().expect("manifest lock poisoned").clone()
+        self.manifest
+            .read()
+            .expect("manifest lock poisoned")
+            .clone()
     }
 
     pub fn set_manifest(&self, manifest: Manifest) {

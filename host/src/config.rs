@@ -20,7 +20,12 @@ pub struct Config {
     pub bind_address: String,
 
     /// Path of the Spin manifest that lists the components and event routes.
-    #[arg(global = true, long, env = "NEXUS_MANIFEST", default_value = "spin.toml")]
+    #[arg(
+        global = true,
+        long,
+        env = "NEXUS_MANIFEST",
+        default_value = "spin.toml"
+    )]
     pub manifest: PathBuf,
 
     /// HS256 secret for tokens, at least 32 characters.
@@ -76,16 +81,31 @@ pub struct Config {
     pub auth_timeout_ms: u64,
 
     /// Time without any frame, pongs included, before close 4003, in ms.
-    #[arg(global = true, long, env = "INACTIVITY_TIMEOUT_MS", default_value_t = 300_000)]
+    #[arg(
+        global = true,
+        long,
+        env = "INACTIVITY_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
     pub inactivity_timeout_ms: u64,
 
     /// Interval between server pings, in ms.
-    #[arg(global = true, long, env = "PING_INTERVAL_MS", default_value_t = 25_000)]
+    #[arg(
+        global = true,
+        long,
+        env = "PING_INTERVAL_MS",
+        default_value_t = 25_000
+    )]
     pub ping_interval_ms: u64,
 
     /// Guest computation allowed per event, in ms. Host I/O is not counted;
     /// it has its own timeouts.
-    #[arg(global = true, long, env = "HANDLER_DEADLINE_MS", default_value_t = 2_000)]
+    #[arg(
+        global = true,
+        long,
+        env = "HANDLER_DEADLINE_MS",
+        default_value_t = 2_000
+    )]
     pub handler_deadline_ms: u64,
 
     /// Timeout of one Redis or Postgres call made for a component, in ms.
@@ -98,23 +118,43 @@ pub struct Config {
 
     /// Component instances that may run at once; the pooling allocator
     /// reserves slots for this many.
-    #[arg(global = true, long, env = "MAX_CONCURRENT_INSTANCES", default_value_t = 256)]
+    #[arg(
+        global = true,
+        long,
+        env = "MAX_CONCURRENT_INSTANCES",
+        default_value_t = 256
+    )]
     pub max_concurrent_instances: u32,
 
     /// Average frames per second one connection may send; bursts may reach
     /// twice this.
-    #[arg(global = true, long, env = "MAX_EVENTS_PER_SECOND", default_value_t = 20)]
+    #[arg(
+        global = true,
+        long,
+        env = "MAX_EVENTS_PER_SECOND",
+        default_value_t = 20
+    )]
     pub max_events_per_second: u32,
 
     /// Whether the host sits behind a proxy that appends the client address
     /// to `X-Forwarded-For`; the last entry then counts as the client's
     /// address. Leave off when clients connect directly, because they can
     /// set the header themselves.
-    #[arg(global = true, long, env = "TRUST_FORWARDED_FOR", default_value_t = false)]
+    #[arg(
+        global = true,
+        long,
+        env = "TRUST_FORWARDED_FOR",
+        default_value_t = false
+    )]
     pub trust_forwarded_for: bool,
 
     /// Open connections allowed from one remote IP address.
-    #[arg(global = true, long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 5_000)]
+    #[arg(
+        global = true,
+        long,
+        env = "MAX_CONNECTIONS_PER_IP",
+        default_value_t = 5_000
+    )]
     pub max_connections_per_ip: usize,
 
     /// Lifetime of a presence record that its instance stops refreshing, in
@@ -124,7 +164,12 @@ pub struct Config {
 
     /// Interval between this instance's heartbeats in Redis, in ms. Every
     /// instance also checks the others' heartbeats at this interval.
-    #[arg(global = true, long, env = "INSTANCE_HEARTBEAT_MS", default_value_t = 2_000)]
+    #[arg(
+        global = true,
+        long,
+        env = "INSTANCE_HEARTBEAT_MS",
+        default_value_t = 2_000
+    )]
     pub instance_heartbeat_ms: u64,
 
     /// Time without a heartbeat after which an instance counts as dead and

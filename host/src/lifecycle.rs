@@ -10,9 +10,9 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
-use crate::runtime::ReloadOutcome;
 use crate::net::session::frame;
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
+use crate::runtime::ReloadOutcome;
 
 /// Runs `$disconnected` for each user that a reaped instance left behind.
 pub fn spawn_offline_announcer(app: Arc<App>, mut users: mpsc::UnboundedReceiver<String>) {
@@ -28,7 +28,9 @@ pub fn spawn_offline_announcer(app: Arc<App>, mut users: mpsc::UnboundedReceiver
 /// that reach other users (deliveries and broadcasts) apply here.
 pub async fn run_detached(app: &App, user_id: &str, event_name: &str, data: String) {
     let manifest = app.manifest();
-    let Some(targets) = manifest.events.get(event_name) else { return };
+    let Some(targets) = manifest.events.get(event_name) else {
+        return;
+    };
     let connection = ConnectionInfo {
         id: format!("detached-{}", app.instance_id),
         instance_id: app.instance_id.clone(),
@@ -57,7 +59,9 @@ pub async fn run_detached(app: &App, user_id: &str, event_name: &str, data: Stri
                     app.backplane.deliver(&delivery.user_id, text).await
                 }
                 Effect::Broadcast(outbound) => {
-                    app.backplane.broadcast(frame(&outbound.event, &outbound.data)).await
+                    app.backplane
+                        .broadcast(frame(&outbound.event, &outbound.data))
+                        .await
                 }
                 other => {
                     debug!(event = event_name, effect = ?other, "effect has no connection to act on");

@@ -1,16 +1,5 @@
 //! `nexus-host`: the native WebSocket host of Nexus Chat.
 
-mod app;
-mod config;
-mod delivery;
-mod lifecycle;
-mod manifest;
-mod metrics;
-mod migrate;
-mod net;
-mod runtime;
-mod token;
-
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,13 +10,14 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use app::App;
-use config::Config;
-use delivery::backplane::Backplane;
-use delivery::registry::Registry;
-use manifest::Manifest;
-use runtime::state::Backends;
-use runtime::Runtime;
+use nexus_host::app::App;
+use nexus_host::config::Config;
+use nexus_host::delivery::backplane::Backplane;
+use nexus_host::delivery::registry::Registry;
+use nexus_host::manifest::Manifest;
+use nexus_host::runtime::state::Backends;
+use nexus_host::runtime::Runtime;
+use nexus_host::{lifecycle, metrics, migrate, net, token};
 
 #[derive(Parser)]
 #[command(name = "nexus-host", version, about = "Nexus Chat WebSocket host")]

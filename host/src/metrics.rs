@@ -56,8 +56,9 @@ impl Metrics {
         let authenticated_users = Gauge::default();
         let events = Family::<Labels, Counter>::default();
         let messages = Counter::default();
-        let invocation_seconds =
-            Family::<Labels, Histogram>::new_with_constructor(invocation_histogram as fn() -> Histogram);
+        let invocation_seconds = Family::<Labels, Histogram>::new_with_constructor(
+            invocation_histogram as fn() -> Histogram,
+        );
         let guest_failures = Family::<Labels, Counter>::default();
         let rate_limited = Family::<Labels, Counter>::default();
         let deliveries = Family::<Labels, Counter>::default();
@@ -67,13 +68,21 @@ impl Metrics {
         let postgres_pool = Family::<Labels, Gauge>::default();
         let reloads = Family::<Labels, Counter>::default();
 
-        registry.register("connections", "Open client connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
         registry.register(
             "authenticated_users",
             "Users with an authenticated connection on this instance",
             authenticated_users.clone(),
         );
-        registry.register("events", "Client and host events handled, by event and outcome", events.clone());
+        registry.register(
+            "events",
+            "Client and host events handled, by event and outcome",
+            events.clone(),
+        );
         registry.register("messages", "Messages accepted", messages.clone());
         registry.register(
             "component_invocation_seconds",
@@ -85,17 +94,41 @@ impl Metrics {
             "Component traps and deadline overruns",
             guest_failures.clone(),
         );
-        registry.register("rate_limited", "Events rejected by a rate limit", rate_limited.clone());
-        registry.register("deliveries", "Frames delivered to users, by route", deliveries.clone());
-        registry.register("server_closes", "Connections closed by the server, by close code", closes.clone());
+        registry.register(
+            "rate_limited",
+            "Events rejected by a rate limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Frames delivered to users, by route",
+            deliveries.clone(),
+        );
+        registry.register(
+            "server_closes",
+            "Connections closed by the server, by close code",
+            closes.clone(),
+        );
         registry.register(
             "connection_errors",
             "Rejected handshakes and failed connections, by reason",
             connection_errors.clone(),
         );
-        registry.register("storage_errors", "Failed Redis and Postgres calls", storage_errors.clone());
-        registry.register("postgres_pool_connections", "Postgres pool connections by state", postgres_pool.clone());
-        registry.register("component_reloads", "Component reloads by outcome", reloads.clone());
+        registry.register(
+            "storage_errors",
+            "Failed Redis and Postgres calls",
+            storage_errors.clone(),
+        );
+        registry.register(
+            "postgres_pool_connections",
+            "Postgres pool connections by state",
+            postgres_pool.clone(),
+        );
+        registry.register(
+            "component_reloads",
+            "Component reloads by outcome",
+            reloads.clone(),
+        );
 
         Self {
             registry,
@@ -117,7 +150,10 @@ impl Metrics {
 
     pub fn event(&self, event: &str, outcome: &'static str) {
         self.events
-            .get_or_create(&vec![("event", event.to_string()), ("outcome", outcome.to_string())])
+            .get_or_create(&vec![
+                ("event", event.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
             .inc();
     }
 

@@ -378,7 +378,9 @@ impl Backplane {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                let Some(backplane) = backplane.upgrade() else { break };
+                let Some(backplane) = backplane.upgrade() else {
+                    break;
+                };
                 if let Err(error) = backplane.beat(ttl).await {
                     warn!(cause = %format!("{error:#}"), "instance heartbeat failed");
                     continue;
@@ -389,7 +391,9 @@ impl Backplane {
                             let _ = offline.send(user);
                         }
                     }
-                    Err(error) => warn!(cause = %format!("{error:#}"), "reaping dead instances failed"),
+                    Err(error) => {
+                        warn!(cause = %format!("{error:#}"), "reaping dead instances failed")
+                    }
                 }
             }
         });
@@ -401,7 +405,8 @@ impl Backplane {
             .set_options(
                 instance_key(&self.instance_id),
                 now_ms(),
-                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64)),
+                redis::SetOptions::default()
+                    .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64)),
             )
             .ignore()
             .sadd(INSTANCES_KEY, &self.instance_id)
@@ -457,7 +462,12 @@ impl Backplane {
                 .ignore()
                 .query_async::<()>(&mut commands)
                 .await?;
-            info!(instance, users = users.len(), offline = offline.len(), "reaped a dead instance");
+            info!(
+                instance,
+                users = users.len(),
+                offline = offline.len(),
+                "reaped a dead instance"
+            );
         }
         Ok(offline)
     }

@@ -179,6 +179,10 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.users.read().expect("registry lock poisoned").sessions.len()
+        self.users
+            .read()
+            .expect("registry lock poisoned")
+            .sessions
+            .len()
     }
 }

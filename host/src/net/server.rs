@@ -10,14 +10,14 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware;
-use socketioxide::layer::SocketIoLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::json;
+use socketioxide::layer::SocketIoLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{debug, warn};
 
 use super::session::Session;
@@ -52,7 +52,10 @@ pub fn router(app: Arc<App>, socketio: SocketIoLayer) -> Router {
         .route("/metrics", get(metrics))
         .fallback(component_route)
         .layer(socketio)
-        .layer(middleware::from_fn_with_state(app.clone(), check_socketio_origin))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            check_socketio_origin,
+        ))
         .layer(cors)
         .with_state(app)
 }

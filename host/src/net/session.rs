@@ -12,18 +12,18 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{BoxStream, SplitSink};
 use futures::{SinkExt, StreamExt};
-use socketioxide::extract::AckSender;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use socketioxide::extract::AckSender;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tracing::{debug, info, warn};
 
 use super::close;
 use crate::app::{AddressSlot, App};
-use crate::metrics::Metrics;
 use crate::delivery::registry::{Control, Insert, Outgoing, SessionHandle};
+use crate::metrics::Metrics;
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
 use crate::runtime::InvokeError;
 
@@ -212,7 +212,16 @@ impl Session {
             .boxed();
         let spawn_writer = move |frames, abort| tokio::spawn(write_frames(sink, frames, abort));
         let transport = Transport::WebSocket;
-        Self::run(app, transport, inbound, spawn_writer, remote, handshake_token, slot).await;
+        Self::run(
+            app,
+            transport,
+            inbound,
+            spawn_writer,
+            remote,
+            handshake_token,
+            slot,
+        )
+        .await;
     }
 
     /// Runs a session on any transport: `inbound` yields what the client
@@ -269,7 +278,10 @@ impl Session {
         session.app.metrics.connections.dec();
         drop(session);
         let abort = writer.abort_handle();
-        if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer).await.is_err() {
+        if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
@@ -372,7 +384,11 @@ impl Session {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                self.reply_error("INVALID_FRAME", "binary frames are not supported; send JSON text", None);
+                self.reply_error(
+                    "INVALID_FRAME",
+                    "binary frames are not supported; send JSON text",
+                    None,
+                );
                 return;
             }
             Message::Ping(_) | Message::Pong(_) => return,
@@ -416,7 +432,11 @@ impl Session {
             return;
         }
         if self.user_id.is_none() && !PUBLIC_EVENTS.contains(&event.as_str()) {
-            self.reply_error("UNAUTHENTICATED", "authenticate before sending this event", Some(&event));
+            self.reply_error(
+                "UNAUTHENTICATED",
+                "authenticate before sending this event",
+                Some(&event),
+            );
             return;
         }
         self.dispatch(&event, data, EventSource::Client).await;
@@ -481,7 +501,10 @@ impl Session {
             };
             metrics.event(event_name, outcome_label);
             if matches!(outcome_label, "trapped" | "timed_out") {
-                let labels = vec![("component", component.clone()), ("kind", outcome_label.to_string())];
+                let labels = vec![
+                    ("component", component.clone()),
+                    ("kind", outcome_label.to_string()),
+                ];
                 metrics.guest_failures.get_or_create(&labels).inc();
             }
             match outcome {
@@ -576,7 +599,12 @@ impl Session {
                 }
                 Effect::Bind(binding) => {
                     let bound = self
-                        .bind(event, binding.user_id, binding.expires_at_ms, binding.last_message_id)
+                        .bind(
+                            event,
+                            binding.user_id,
+                            binding.expires_at_ms,
+                            binding.last_message_id,
+                        )
                         .await;
                     if !bound {
                         // The remaining effects (the success reply) would be false.
@@ -623,7 +651,11 @@ impl Session {
             }
             Some(current) => {
                 warn!(connection_id = %self.id, current = %current, requested = %user_id, "component tried to switch the user of a connection");
-                self.reply_error("UNAUTHORIZED", "a connection cannot switch users", Some(event));
+                self.reply_error(
+                    "UNAUTHORIZED",
+                    "a connection cannot switch users",
+                    Some(event),
+                );
                 return false;
             }
             None => {}
@@ -632,7 +664,11 @@ impl Session {
             Ok(bound) => bound,
             Err(error) => {
                 warn!(connection_id = %self.id, user_id, cause = %format!("{error:#}"), "bind failed");
-                self.reply_error("UNAVAILABLE", "presence store unavailable; retry", Some(event));
+                self.reply_error(
+                    "UNAVAILABLE",
+                    "presence store unavailable; retry",
+                    Some(event),
+                );
                 return false;
             }
         };
@@ -725,7 +761,9 @@ impl Session {
                     debug!(connection_id = %self.id, cause = %error, "acknowledgement not sent");
                 }
             }
-            Err(error) => warn!(connection_id = %self.id, cause = %error, "acknowledgement data is not JSON"),
+            Err(error) => {
+                warn!(connection_id = %self.id, cause = %error, "acknowledgement data is not JSON")
+            }
         }
     }
 
@@ -747,9 +785,13 @@ impl Session {
     /// Points live deliveries at the writer again and sends what arrived
     /// while `$connected` handlers ran, minus frames they already replayed.
     fn release_staged(&mut self) {
-        let Some(mut staging) = self.staging.take() else { return };
+        let Some(mut staging) = self.staging.take() else {
+            return;
+        };
         if let Some(user_id) = &self.user_id {
-            self.app.registry.redirect(user_id, &self.id, self.outgoing.clone());
+            self.app
+                .registry
+                .redirect(user_id, &self.id, self.outgoing.clone());
         }
         // Frames sent before the redirect are all in the channel now.
         while let Ok(frame) = staging.frames.try_recv() {
@@ -770,7 +812,9 @@ impl Session {
         warn!(connection_id = %self.id, user_id = ?self.user_id, "send queue full; closing the connection");
         self.closing = Some(close::SEND_QUEUE_FULL);
         let reason = "send queue full; the client reads too slowly".to_string();
-        let _ = self.abort_writer.send(Some((close::SEND_QUEUE_FULL, reason)));
+        let _ = self
+            .abort_writer
+            .send(Some((close::SEND_QUEUE_FULL, reason)));
     }
 
     /// Queues a close frame after what is already queued.

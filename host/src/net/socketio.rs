@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -16,7 +17,6 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use futures::StreamExt;
 use tracing::{debug, warn};
 
 use super::close;
@@ -40,10 +40,13 @@ pub fn layer(max_payload_bytes: usize, ping_interval: Duration) -> (SocketIoLaye
 pub fn attach(io: &SocketIo, app: Arc<App>) {
     // socketioxide calls a handler synchronously and spawns the future it
     // returns, so work done before the `async` block keeps packet order.
-    io.ns("/", move |socket: SocketRef, TryData(auth): TryData<Value>| {
-        on_connect(app.clone(), socket, auth.ok());
-        async {}
-    });
+    io.ns(
+        "/",
+        move |socket: SocketRef, TryData(auth): TryData<Value>| {
+            on_connect(app.clone(), socket, auth.ok());
+            async {}
+        },
+    );
 }
 
 /// The client's `auth` option, as `socket.io-client` sends it.
@@ -104,7 +107,10 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let closed_tx = inbound_tx.clone();
     socket.on_fallback(
-        move |socket: SocketRef, Event(name): Event, TryData(data): TryData<Value>, ack: AckSender| {
+        move |socket: SocketRef,
+              Event(name): Event,
+              TryData(data): TryData<Value>,
+              ack: AckSender| {
             let data = match data {
                 Ok(value) => value.to_string(),
                 Err(_) => "null".to_string(),
@@ -128,7 +134,8 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
     let writer_socket = socket.clone();
     let inbound = ReceiverStream::new(inbound_rx).boxed();
     tokio::spawn(async move {
-        let spawn_writer = move |frames, abort| tokio::spawn(write_events(writer_socket, frames, abort));
+        let spawn_writer =
+            move |frames, abort| tokio::spawn(write_events(writer_socket, frames, abort));
         let transport = Transport::SocketIo;
         Session::run(app, transport, inbound, spawn_writer, remote, token, slot).await;
     });
@@ -149,7 +156,11 @@ struct QueuedFrame<'a> {
 }
 
 /// Emits queued frames as Socket.IO events until the session closes.
-async fn write_events(socket: SocketRef, mut frames: mpsc::Receiver<Outgoing>, mut abort: AbortSignal) {
+async fn write_events(
+    socket: SocketRef,
+    mut frames: mpsc::Receiver<Outgoing>,
+    mut abort: AbortSignal,
+) {
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,

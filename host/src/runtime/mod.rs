@@ -129,7 +129,10 @@ impl Runtime {
             let loaded = runtime.compile(spec, &app_variables, &manifest.interface)?;
             components.insert(spec.id.clone(), Arc::new(loaded));
         }
-        *runtime.components.write().expect("components lock poisoned") = components;
+        *runtime
+            .components
+            .write()
+            .expect("components lock poisoned") = components;
         Ok(runtime)
     }
 
@@ -158,7 +161,10 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("component {} imports what the host does not provide", spec.id)
+                format!(
+                    "component {} imports what the host does not provide",
+                    spec.id
+                )
             })?;
         let handler = ChatHostPre::new(pre.clone())
             .map_err(anyhow::Error::from)
@@ -166,7 +172,10 @@ impl Runtime {
         let proxy = ProxyPre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("component {} does not export wasi:http/incoming-handler", spec.id)
+                format!(
+                    "component {} does not export wasi:http/incoming-handler",
+                    spec.id
+                )
             })?;
 
         let mut variables = HashMap::new();
@@ -219,7 +228,9 @@ impl Runtime {
         let app_variables = resolve_app_variables(manifest, config)?;
         let mut outcomes = Vec::new();
         for spec in &manifest.components {
-            let outcome = self.reload_one(spec, &app_variables, &manifest.interface).await;
+            let outcome = self
+                .reload_one(spec, &app_variables, &manifest.interface)
+                .await;
             outcomes.push((spec.id.clone(), outcome));
         }
         Ok(outcomes)
@@ -242,8 +253,16 @@ impl Runtime {
         .await;
         let loaded = match compiled {
             Ok(Ok(loaded)) => loaded,
-            Ok(Err(error)) => return ReloadOutcome::Rejected { reason: format!("{error:#}") },
-            Err(error) => return ReloadOutcome::Rejected { reason: format!("compile task failed: {error}") },
+            Ok(Err(error)) => {
+                return ReloadOutcome::Rejected {
+                    reason: format!("{error:#}"),
+                }
+            }
+            Err(error) => {
+                return ReloadOutcome::Rejected {
+                    reason: format!("compile task failed: {error}"),
+                }
+            }
         };
         if let Some(current) = &current {
             let same_settings = current.context.variables == loaded.context.variables
@@ -279,7 +298,10 @@ impl Runtime {
             data: "{}".to_string(),
             source: EventSource::Host,
         };
-        match self.invoke_loaded(loaded.clone(), &connection, &event).await {
+        match self
+            .invoke_loaded(loaded.clone(), &connection, &event)
+            .await
+        {
             Ok(_) | Err(InvokeError::Rejected(_)) => Ok(()),
             Err(error) => Err(format!("self-check failed: {error}")),
         }

@@ -179,7 +179,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut shutdown = app.shutdown.clone();
     let _ = shutdown.wait_for(|stopping| *stopping).await;
     // Sessions finish their event in flight and close; give them a bound.
-    match tokio::time::timeout(Duration::from_secs(10), server).await {
+    // The HTTP server stops first; upgraded WebSockets are tasks of their
+    // own, so wait for their sessions to finish their close handshakes.
+    let drained = async {
+        let served = server.await;
+        while app.metrics.connections.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        served
+    };
+    match tokio::time::timeout(Duration::from_secs(10), drained).await {
         Ok(result) => result??,
         Err(_) => info!("connections still open after 10 s; exiting"),
     }

@@ -134,6 +134,9 @@ fn frame_hash(frame: &str) -> u64 {
     hasher.finish()
 }
 
+/// Time a session that sent a close frame waits for the client's reply.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Time a closing session gives its writer to flush queued frames.
 const WRITER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -270,10 +273,26 @@ impl Session {
                 .dispatch("authenticate", data, EventSource::Host)
                 .await;
         }
+        let mut inbound = inbound;
         let end = match session.closing {
             Some(code) => End::Closed(code),
-            None => session.read_loop(inbound, control_rx).await,
+            None => session.read_loop(&mut inbound, control_rx).await,
         };
+        if matches!(end, End::Closed(_)) && session.transport == Transport::WebSocket {
+            // Wait for the client's close frame, so the close handshake
+            // finishes before the socket goes: a socket closed with the
+            // client's reply unread is reset, and a reset can discard the
+            // close frame before the client reads it.
+            let handshake = async {
+                while let Some(item) = inbound.next().await {
+                    if let Inbound::Message(Message::Close(_)) = item {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+        }
+        drop(inbound);
         session.finish(end).await;
         session.app.metrics.connections.dec();
         drop(session);
@@ -288,7 +307,7 @@ impl Session {
 
     async fn read_loop(
         &mut self,
-        mut inbound: BoxStream<'static, Inbound>,
+        inbound: &mut BoxStream<'static, Inbound>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) -> End {
         let opened = Instant::now();

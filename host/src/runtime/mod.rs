@@ -39,6 +39,9 @@ use state::{Backends, ComponentContext, State};
 /// Interval of the epoch ticker that enforces guest deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Guest computation between two yields to the async runtime.
+const GUEST_SLICE: Duration = Duration::from_millis(10);
+
 /// A component compiled and pre-instantiated against the host's linker.
 pub struct LoadedComponent {
     pub id: String,
@@ -359,17 +362,19 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(ticks_for(self.deadline));
-        // The epoch deadline counts wall time; when it passes, the guest's
-        // own computation time (wall time minus host I/O) decides whether
-        // it really ran out. Yielding lets other connections' work run.
+        store.set_epoch_deadline(ticks_for(GUEST_SLICE));
+        // The guest runs in slices of GUEST_SLICE of wall time and yields
+        // between them, so a spinning guest cannot hold a worker thread
+        // from other connections. At each slice end the guest's own
+        // computation time (wall time minus host I/O) decides whether it
+        // ran past its deadline.
         store.epoch_deadline_callback(|context| {
             let state = context.data();
             let used = state.guest_time();
             if used >= state.deadline {
                 return Err(Trap::Interrupt.into());
             }
-            Ok(UpdateDeadline::Yield(ticks_for(state.deadline - used)))
+            Ok(UpdateDeadline::Yield(ticks_for(GUEST_SLICE)))
         });
         store
     }

@@ -316,6 +316,40 @@ impl Client {
         }
     }
 
+    /// Waits for the next event whose name is one of `names` and returns it,
+    /// so a test can tell which of several replies came first. Other events
+    /// are kept. Panics on timeout or close.
+    pub async fn recv_any_of(&mut self, names: &[&str], timeout: Duration) -> Event {
+        if let Some(position) = self
+            .buffered
+            .iter()
+            .position(|event| names.contains(&event.name.as_str()))
+        {
+            if let Some(event) = self.buffered.remove(position) {
+                return event;
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline).await {
+                None => panic!(
+                    "{}: timed out after {timeout:?} waiting for any of {names:?}; last frames received:\n{}",
+                    self.label,
+                    self.history_text()
+                ),
+                Some(Incoming::Event(event)) if names.contains(&event.name.as_str()) => {
+                    return event
+                }
+                Some(Incoming::Event(event)) => self.buffered.push_back(event),
+                Some(Incoming::Closed(close)) => panic!(
+                    "{}: connection ended ({close}) while waiting for any of {names:?}; last frames received:\n{}",
+                    self.label,
+                    self.history_text()
+                ),
+            }
+        }
+    }
+
     /// Removes and returns the first already received event named `name`,
     /// without reading from the connection (which may have ended).
     pub fn take_buffered(&mut self, name: &str) -> Option<Value> {
@@ -398,6 +432,72 @@ impl Client {
                 Some(Incoming::Closed(close)) => return close,
             }
         }
+    }
+
+    /// Waits up to `timeout` for the connection to end and returns how it
+    /// ended, or `None` when it is still open. Events that arrive first are
+    /// kept.
+    pub async fn wait_for_close(&mut self, timeout: Duration) -> Option<Close> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline).await {
+                None => return None,
+                Some(Incoming::Event(event)) => self.buffered.push_back(event),
+                Some(Incoming::Closed(close)) => return Some(close),
+            }
+        }
+    }
+
+    /// Waits for the next event named `name` and returns its data, or
+    /// returns how the connection ended when it ends first. Other events are
+    /// kept. Panics on timeout.
+    pub async fn recv_event_or_close(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Value, Close> {
+        if let Some(position) = self.buffered.iter().position(|event| event.name == name) {
+            if let Some(event) = self.buffered.remove(position) {
+                return Ok(event.data);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline).await {
+                None => panic!(
+                    "{}: timed out after {timeout:?} waiting for {name} or a close; last frames received:\n{}",
+                    self.label,
+                    self.history_text()
+                ),
+                Some(Incoming::Event(event)) if event.name == name => return Ok(event.data),
+                Some(Incoming::Event(event)) => self.buffered.push_back(event),
+                Some(Incoming::Closed(close)) => return Err(close),
+            }
+        }
+    }
+
+    /// Removes and returns every event received so far and not yet
+    /// consumed, in arrival order.
+    pub fn take_all_buffered(&mut self) -> Vec<Event> {
+        self.buffered.drain(..).collect()
+    }
+
+    /// Sends a normal close (1000), waits briefly for the server's reply and
+    /// returns every unconsumed event, including those that arrived during
+    /// the closing handshake. [`Client::close`] drops those.
+    pub async fn close_collecting(mut self) -> Vec<Event> {
+        if self.closed.is_none() {
+            let _ = tokio::time::timeout(SEND_TIMEOUT, self.ws.close(None)).await;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.closed.is_none() {
+                match self.read_until(deadline).await {
+                    None => break,
+                    Some(Incoming::Event(event)) => self.buffered.push_back(event),
+                    Some(Incoming::Closed(_)) => break,
+                }
+            }
+        }
+        self.take_all_buffered()
     }
 
     /// Sends a normal close (1000) and waits briefly for the server's reply.

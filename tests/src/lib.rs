@@ -2,7 +2,9 @@
 //!
 //! Each test builds a [`System`]: a private `redis-server` on a free loopback
 //! port, a fresh Postgres database on the machine's Postgres, and one or more
-//! `nexus-host` processes. Tests then drive it the way a client would, through
+//! `nexus-host` processes. Tests of a Postgres outage put that database on a
+//! private cluster ([`pg_cluster`]) that they stop and start. Tests then
+//! drive it the way a client would, through
 //! [`Client`] (WebSocket) and [`http`] (HTTP routes). Every wait is bounded, so
 //! a broken server fails a test instead of hanging it. When a test panics,
 //! each host prints the tail of its log and the test's folder under
@@ -11,6 +13,7 @@
 pub mod client;
 pub mod host;
 pub mod http;
+pub mod pg_cluster;
 pub mod postgres;
 pub mod raw;
 pub mod redis;

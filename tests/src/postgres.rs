@@ -21,9 +21,16 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates an empty database named `nexus_test_<unique suffix>`.
+    /// Creates an empty database named `nexus_test_<unique suffix>` on the
+    /// Postgres of [`admin_url`].
     pub async fn create() -> TestDatabase {
-        let admin_url = admin_url();
+        TestDatabase::create_with_admin(&admin_url()).await
+    }
+
+    /// Creates an empty database through `admin_url`, a role that may create
+    /// databases, for example on a [`crate::pg_cluster::PostgresCluster`].
+    pub async fn create_with_admin(admin_url: &str) -> TestDatabase {
+        let admin_url = admin_url.to_owned();
         let name = format!("nexus_test_{}", unique_suffix());
         let admin = connect(&admin_url).await.unwrap_or_else(|error| {
             panic!(

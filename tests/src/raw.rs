@@ -1,13 +1,14 @@
 //! A minimal WebSocket client written against RFC 6455 directly, for tests
-//! that need a peer which never sends pongs. tungstenite sends a pong for
+//! that need a peer which never sends pongs or never reads. tungstenite sends a pong for
 //! every ping it reads. Once the server has closed the socket, writing that
 //! pong fails with a broken pipe before tungstenite returns the buffered
 //! close frame, so [`crate::Client`] cannot show how an idle connection ends.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 /// Fixed masking key; masking only has to be present, not secret, here.
@@ -24,6 +25,9 @@ pub struct Transcript {
     pub close_code: Option<u16>,
     /// Whether a close frame arrived at all.
     pub closed: bool,
+    /// Text frames that arrived after the close frame (only
+    /// [`RawClient::read_for`] reads past it).
+    pub texts_after_close: Vec<String>,
 }
 
 /// A connection that sends only the frames the test passes to it.
@@ -37,10 +41,32 @@ impl RawClient {
     /// Connects to `ws://127.0.0.1:PORT/ws` and completes the handshake.
     pub async fn connect(port: u16) -> RawClient {
         let connect = TcpStream::connect(("127.0.0.1", port));
-        let mut stream = tokio::time::timeout(Duration::from_secs(10), connect)
+        let stream = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .expect("TCP connect timed out after 10 s")
             .unwrap_or_else(|error| panic!("TCP connect to port {port} failed: {error}"));
+        RawClient::handshake(stream, port).await
+    }
+
+    /// Connects like [`RawClient::connect`], with the socket's receive
+    /// buffer (`SO_RCVBUF`) set to `bytes` before connecting. Linux then
+    /// stops autotuning that buffer, so a client that never reads makes the
+    /// server's writes stall after a known amount of data instead of after
+    /// up to `net.ipv4.tcp_rmem` bytes.
+    pub async fn connect_with_receive_buffer(port: u16, bytes: u32) -> RawClient {
+        let socket = TcpSocket::new_v4().expect("failed to create a TCP socket");
+        socket
+            .set_recv_buffer_size(bytes)
+            .unwrap_or_else(|error| panic!("failed to set SO_RCVBUF to {bytes}: {error}"));
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(address))
+            .await
+            .expect("TCP connect timed out after 10 s")
+            .unwrap_or_else(|error| panic!("TCP connect to port {port} failed: {error}"));
+        RawClient::handshake(stream, port).await
+    }
+
+    async fn handshake(mut stream: TcpStream, port: u16) -> RawClient {
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: bmV4dXMtcmF3LWNsaWVudA==\r\n\
@@ -134,6 +160,43 @@ impl RawClient {
                 Ok(Ok(read)) => read,
             };
             self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// Reads frames, sending nothing back, until the server ends the TCP
+    /// connection or `duration` passes. Unlike [`RawClient::read_until_closed`]
+    /// it goes on reading after a close frame, and text frames that follow
+    /// one go to [`Transcript::texts_after_close`].
+    pub async fn read_for(&mut self, duration: Duration) -> Transcript {
+        let deadline = Instant::now() + duration;
+        let mut transcript = Transcript::default();
+        loop {
+            while let Some((opcode, payload)) = self.parse_frame() {
+                match opcode {
+                    0x1 => {
+                        let text = String::from_utf8_lossy(&payload).to_string();
+                        if transcript.closed {
+                            transcript.texts_after_close.push(text);
+                        } else {
+                            transcript.texts.push(text);
+                        }
+                    }
+                    0x8 if !transcript.closed => {
+                        transcript.closed = true;
+                        if payload.len() >= 2 {
+                            transcript.close_code =
+                                Some(u16::from_be_bytes([payload[0], payload[1]]));
+                        }
+                    }
+                    0x9 => transcript.pings += 1,
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return transcript,
+                Ok(Ok(read)) => self.buffer.extend_from_slice(&chunk[..read]),
+            }
         }
     }
 

@@ -30,9 +30,21 @@ impl System {
     /// Starts a system with `instances` hosts, all started at once (so they
     /// also race for the start-up migrations), and waits until each serves.
     pub async fn start_with(instances: usize, settings: Settings) -> System {
+        let db = TestDatabase::create().await;
+        System::start_with_database(instances, settings, db).await
+    }
+
+    /// Starts a system like [`System::start_with`] on a database the caller
+    /// created, for example one on a private
+    /// [`crate::pg_cluster::PostgresCluster`] that the test stops and starts.
+    /// That cluster must outlive the system, whose drop removes the database.
+    pub async fn start_with_database(
+        instances: usize,
+        settings: Settings,
+        db: TestDatabase,
+    ) -> System {
         let dir = TestDir::create();
         let redis = RedisServer::start(dir.path()).await;
-        let db = TestDatabase::create().await;
         let mut system = System {
             hosts: Vec::new(),
             redis,

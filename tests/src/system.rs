@@ -90,6 +90,11 @@ impl System {
         &self.hosts[index]
     }
 
+    /// Returns how many hosts the system has started.
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
     pub fn host_mut(&mut self, index: usize) -> &mut HostProcess {
         &mut self.hosts[index]
     }

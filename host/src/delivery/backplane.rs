@@ -481,7 +481,7 @@ impl Backplane {
         }
     }
 
-    /// Checks that Redis answers.
+    /// Returns whether Redis replies to `PING` within a second.
     pub async fn ping(&self) -> bool {
         let mut commands = self.commands.clone();
         let command = redis::cmd("PING");

@@ -35,8 +35,8 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Queues a frame, or tells the session to close when its queue is full.
-    /// Returns false when the session is gone or full.
+    /// Queues a frame, or signals the session to close when its queue is
+    /// full. Returns false when the session is gone or full.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
         match self.outgoing.try_send(Outgoing::Text(frame)) {
             Ok(()) => true,

@@ -80,7 +80,7 @@ impl FrameBudget {
     }
 }
 
-/// What a transport hands the session.
+/// Input that a transport passes to the session.
 pub enum Inbound {
     /// A native WebSocket message.
     Message(Message),
@@ -109,10 +109,10 @@ pub enum Transport {
     SocketIo,
 }
 
-/// What a session's writer is told when it must stop at once.
+/// Signal to a session's writer to stop at once, with the close frame to send.
 pub type AbortSignal = watch::Receiver<Option<(u16, String)>>;
 
-/// Why the session loop ended.
+/// Reason the session loop ended.
 enum End {
     /// The client closed or the socket failed.
     ClientGone,
@@ -573,7 +573,7 @@ impl Session {
                 )
             }
         };
-        // Host-raised events have no client request to answer.
+        // Host-raised events have no client request to reply to.
         if source == EventSource::Client || event == "authenticate" {
             self.reply_error(&code, &message, Some(event));
         }
@@ -653,8 +653,8 @@ impl Session {
         }
     }
 
-    /// Binds the connection to a user; returns false when it failed and the
-    /// client was told.
+    /// Binds the connection to a user. Returns false when binding failed,
+    /// after sending the client an `ERROR`.
     async fn bind(
         &mut self,
         event: &str,
@@ -763,14 +763,14 @@ impl Session {
         self.reply_event("ERROR", &data);
     }
 
-    /// Sends an event on this connection; the first one after a Socket.IO
-    /// event with a callback also answers that callback with its data.
+    /// Sends an event on this connection. The first one after a Socket.IO
+    /// event with a callback also acknowledges that event with its data.
     fn reply_event(&mut self, event: &str, data: &str) {
         self.answer_ack(data);
         self.reply(frame(event, data));
     }
 
-    /// Answers the pending Socket.IO acknowledgement, if any, with `data`
+    /// Sends the pending Socket.IO acknowledgement, if any, with `data`
     /// (JSON text).
     fn answer_ack(&mut self, data: &str) {
         let Some(ack) = self.ack.take() else { return };
@@ -952,8 +952,8 @@ async fn write_frames(
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
-/// Resolves once the session asks the writer to abort. The session dropping
-/// its sender is no abort: the writer then drains what is queued.
+/// Resolves once the session signals the writer to abort. A dropped sender
+/// is no abort signal, so the writer then drains what is queued.
 pub(super) async fn aborted(abort: &mut AbortSignal) {
     if abort.wait_for(Option::is_some).await.is_err() {
         std::future::pending::<()>().await;

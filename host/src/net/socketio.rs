@@ -103,7 +103,8 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
     let token = handshake_token(&socket, auth);
 
     // Handlers run inline as packets arrive, so `try_send` keeps the
-    // client's order; a full queue answers the client instead of blocking.
+    // client's order. A full queue gets an ERROR to the client instead of
+    // blocking.
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let closed_tx = inbound_tx.clone();
     socket.on_fallback(

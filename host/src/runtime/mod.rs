@@ -1,7 +1,7 @@
 //! The Wasmtime side of the host: the engine, loading and pre-instantiating
 //! components, and running one fresh instance per event or HTTP request.
 //!
-//! Nothing here knows about sockets; callers pass an event in and get
+//! Nothing here depends on sockets: callers pass an event in and get
 //! effects back.
 
 pub mod bindings;
@@ -56,7 +56,7 @@ pub struct LoadedComponent {
     proxy: ProxyPre<State>,
 }
 
-/// Why an event produced no effects.
+/// Failure of an event to produce effects.
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     /// The handler rejected the event with a typed error.
@@ -85,7 +85,7 @@ pub struct Runtime {
     generations: AtomicU64,
 }
 
-/// What a reload did with one component.
+/// Result of a reload for one component.
 #[derive(Debug)]
 pub enum ReloadOutcome {
     Unchanged,
@@ -220,8 +220,8 @@ impl Runtime {
 
     /// Loads the components of `manifest` whose file or settings changed.
     /// A new version serves only after it compiled, linked against the
-    /// host's interfaces and handled a self-check event without a trap;
-    /// otherwise the previous version keeps serving. Events already running
+    /// host's interfaces and handled a self-check event without a trap.
+    /// Otherwise the previous version keeps serving. Events already running
     /// finish on the version they started on.
     pub async fn reload(
         self: &Arc<Self>,

@@ -220,7 +220,7 @@ fn map_error(component: &str, error: tokio_postgres::Error) -> wit::Error {
     wit::Error::QueryFailed(message)
 }
 
-/// What a statement returned: rows for `query`, a count for `execute`.
+/// Result of a statement: rows for `query`, a count for `execute`.
 enum Outcome {
     Rows(tokio_postgres::Statement, Vec<Row>),
     Count(u64),
@@ -237,7 +237,7 @@ impl State {
         let component = self.component.id.clone();
         let params: Vec<Param> = params.into_iter().map(Param).collect();
         // The client leaves the table while the call runs, because `timed`
-        // borrows the state mutably; the guest is blocked meanwhile, so no
+        // borrows the state mutably. The guest is blocked meanwhile, so no
         // other call can look for it.
         let client = self
             .table

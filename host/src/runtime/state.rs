@@ -91,7 +91,7 @@ impl Backends {
     }
 }
 
-/// What one component may see and reach.
+/// Variables and outbound hosts of one component.
 pub struct ComponentContext {
     pub id: String,
     pub variables: HashMap<String, String>,

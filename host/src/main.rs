@@ -144,7 +144,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .parse()
         .context("invalid BIND_ADDRESS or PORT")?;
     let (socketio_layer, socketio) =
-        net::socketio::layer(config.max_frame_bytes, config.ping_interval());
+        net::socketio::layer(config.max_frame_bytes, config.ping_interval(), config.send_queue_frames);
     let app = Arc::new(App::new(
         config,
         manifest,

@@ -29,10 +29,19 @@ const INBOUND_QUEUE: usize = 256;
 
 /// Builds the Socket.IO layer. The connect handler needs the app, which
 /// needs the router, so the handler is set with [`attach`] afterwards.
-pub fn layer(max_payload_bytes: usize, ping_interval: Duration) -> (SocketIoLayer, SocketIo) {
+pub fn layer(
+    max_payload_bytes: usize,
+    ping_interval: Duration,
+    send_queue_frames: usize,
+) -> (SocketIoLayer, SocketIo) {
+    // The packet buffer holds what was emitted and the transport has not
+    // sent yet. An event can take two packets (its reply and the
+    // acknowledgement), and long-polling drains it one request at a time,
+    // so it gets room for twice the session's queue.
     SocketIo::builder()
         .max_payload(max_payload_bytes as u64)
         .ping_interval(ping_interval)
+        .max_buffer_size(send_queue_frames * 2)
         .build_layer()
 }
 
@@ -110,24 +119,22 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
     socket.on_fallback(
         move |socket: SocketRef,
               Event(name): Event,
-              TryData(data): TryData<Value>,
+              TryData(data): TryData<Option<Value>>,
               ack: AckSender| {
+            // An event sent without data fails to decode and counts as
+            // `null`, as on /ws. A binary attachment decodes as a
+            // placeholder object, so field checks name the field it is in.
             let data = match data {
-                Ok(value) => value.to_string(),
-                Err(_) => "null".to_string(),
+                Ok(Some(value)) => value.to_string(),
+                Ok(None) | Err(_) => "null".to_string(),
             };
             let event = Inbound::Event {
                 name,
                 data,
                 ack: Some(ack),
             };
-            if inbound_tx.try_send(event).is_err() {
-                let error = serde_json::json!({
-                    "code": "RATE_LIMITED",
-                    "message": "too many events waiting; slow down",
-                    "event": null,
-                });
-                let _ = socket.emit("ERROR", &error);
+            if let Err(full) = inbound_tx.try_send(event) {
+                reject_overflow(&socket, full.into_inner());
             }
             async {}
         },
@@ -146,6 +153,29 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
         debug!(sid = %socket.id, "socket.io client disconnected");
         let _ = closed_tx.send(Inbound::Closed).await;
     });
+}
+
+/// Rejects an event that found the session's queue full: the client gets
+/// `ERROR RATE_LIMITED`, and its acknowledgement callback gets the same
+/// data, so no callback is left waiting.
+fn reject_overflow(socket: &SocketRef, event: Inbound) {
+    let (name, ack) = match event {
+        Inbound::Event { name, ack, .. } => (name, ack),
+        _ => return,
+    };
+    let error = serde_json::json!({
+        "code": "RATE_LIMITED",
+        "message": "too many events waiting; slow down",
+        "event": name,
+    });
+    if let Some(ack) = ack {
+        if let Err(cause) = ack.send(&error) {
+            debug!(sid = %socket.id, cause = %cause, "rate-limit acknowledgement not sent");
+        }
+    }
+    if let Err(cause) = socket.emit("ERROR", &error) {
+        debug!(sid = %socket.id, cause = %cause, "rate-limit error not sent");
+    }
 }
 
 /// A queued native frame, split back into the Socket.IO event and data.

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod host;
 pub mod http;
+pub mod matchers;
 pub mod pg_cluster;
 pub mod postgres;
 pub mod raw;

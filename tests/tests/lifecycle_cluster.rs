@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nexus_tests::client::exchange;
+use nexus_tests::matchers::{content_is, presence_of, typing_of};
 use nexus_tests::raw::RawClient;
 use nexus_tests::wire::{message_id, rfc3339, str_field};
 use nexus_tests::{tokens, Client, Close, Event, Settings, System, EVENT_TIMEOUT, QUIET_PERIOD};
@@ -20,24 +21,6 @@ const INSTANCE_TTL_MS: u64 = 1500;
 /// reaper on a loaded 2-core machine: one more heartbeat check, the
 /// `$disconnected` handler and the delivery to the watcher.
 const REAP_MARGIN: Duration = Duration::from_millis(1500);
-
-fn presence_of<'a>(user: &'a str, status: &'a str) -> impl Fn(&Value) -> bool + 'a {
-    move |data: &Value| {
-        data.get("userId").and_then(Value::as_str) == Some(user)
-            && data.get("status").and_then(Value::as_str) == Some(status)
-    }
-}
-
-fn typing_of(user: &str, typing: bool) -> impl Fn(&Value) -> bool + '_ {
-    move |data: &Value| {
-        data.get("userId").and_then(Value::as_str) == Some(user)
-            && data.get("isTyping") == Some(&json!(typing))
-    }
-}
-
-fn content_is(content: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |data: &Value| data.get("content").and_then(Value::as_str) == Some(content)
-}
 
 /// Settings with short instance heartbeats and a typing timeout that never
 /// fires during a test, so only a disconnect clears an indicator.

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nexus_tests::client::exchange;
+use nexus_tests::matchers::{content_is, presence_of, typing_of};
 use nexus_tests::pg_cluster::PostgresCluster;
 use nexus_tests::postgres::TestDatabase;
 use nexus_tests::wire::{message_id, str_field};
@@ -26,24 +27,6 @@ const HEALTH_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a host gets after `/health` returns 200 again before deliveries
 /// across instances must work, so it can renew its pub/sub subscriptions.
 const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
-
-fn presence_of<'a>(user: &'a str, status: &'a str) -> impl Fn(&Value) -> bool + 'a {
-    move |data: &Value| {
-        data.get("userId").and_then(Value::as_str) == Some(user)
-            && data.get("status").and_then(Value::as_str) == Some(status)
-    }
-}
-
-fn typing_of(user: &str, typing: bool) -> impl Fn(&Value) -> bool + '_ {
-    move |data: &Value| {
-        data.get("userId").and_then(Value::as_str) == Some(user)
-            && data.get("isTyping") == Some(&json!(typing))
-    }
-}
-
-fn content_is(content: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |data: &Value| data.get("content").and_then(Value::as_str) == Some(content)
-}
 
 fn outage_settings() -> Settings {
     Settings::default()

@@ -5,15 +5,9 @@
 use std::time::{Duration, Instant};
 
 use nexus_tests::client::exchange;
+use nexus_tests::matchers::presence_of;
 use nexus_tests::{Client, Settings, System, EVENT_TIMEOUT, QUIET_PERIOD};
 use serde_json::Value;
-
-fn presence_of<'a>(user: &'a str, status: &'a str) -> impl Fn(&Value) -> bool + 'a {
-    move |data: &Value| {
-        data.get("userId").and_then(Value::as_str) == Some(user)
-            && data.get("status").and_then(Value::as_str) == Some(status)
-    }
-}
 
 fn any_presence_of(user: &str) -> impl Fn(&Value) -> bool + '_ {
     move |data: &Value| data.get("userId").and_then(Value::as_str) == Some(user)

@@ -156,11 +156,11 @@ def sockstat():
 class Sampler(threading.Thread):
     """Samples CPU time of named process groups and memory of watched pids.
 
-    Groups: each `--watch NAME=PID`, `postgres` (the backends of the given
-    databases, looked up anew at each sample because pools open connections
-    lazily), `generator` (the nexus-load process and its workers) and
-    `machine` (the busy time of all cores, so that what other processes used
-    is `machine` less the rest). Each
+    The groups are each `--watch NAME=PID`, `postgres`, `generator` and
+    `machine`. `postgres` is the backends of the given databases, looked up
+    anew at each sample because pools open connections lazily. `generator`
+    is the nexus-load process and its workers. `machine` is the busy time of
+    all cores, so what other processes used is `machine` less the rest. Each
     sample also has the TCP line of /proc/net/sockstat and the kernel's slab
     memory.
     """
@@ -232,11 +232,21 @@ def start_perf(pid, data_path, seconds):
 
 
 def perf_report(data_path, text_path):
-    """Writes the flat profile (self time by library and symbol) of a perf file."""
+    """Writes the flat profile (self time by library and symbol) of a perf file,
+    and beside it the call chains that lead to symbols of 1% or more."""
     with open(text_path, "w") as out:
         subprocess.run(
             ["perf", "report", "-i", str(data_path), "--no-children", "--sort", "dso,sym",
-             "-g", "none", "--stdio", "-t", "|", "--percent-limit", "0.2"],
+             "-g", "none", "--stdio", "-t", "|", "--percent-limit", "0"],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+            check=False,
+        )
+    with open(text_path.with_suffix(".callers.txt"), "w") as out:
+        subprocess.run(
+            ["perf", "report", "-i", str(data_path), "--no-children", "--sort", "sym",
+             "--stdio", "-G", "--percent-limit", "1"],
             stdout=out,
             stderr=subprocess.DEVNULL,
             timeout=300,

@@ -104,7 +104,7 @@ else
     latency_rate=2000 latency_s=15
     connect_goal_n=10000 connect_compare_n=1000
     # The gateway broadcasts each connect to every connected socket, so
-    # opening N connections costs it N^2/2 frames: 2,000 take it about 40 s.
+    # opening N connections costs it N^2/2 frames: 2,000 take it 30 to 40 s.
     idle_nexus_n=19000 idle_gateway_n=2000 idle_hold_s=30
     cluster_hosts=6 cluster_n=100000
     profile_rate=1000 profile_s=16 profile_delay_s=6 profile_record_s=8

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the Nexus Chat integration tests: makes sure the toolchain,
-# wasm-tools, redis-server and Postgres are there, builds the components
-# and the host once in release, then runs `cargo test --release` for the
+# Runs the Nexus Chat integration tests. It makes sure the toolchain,
+# wasm-tools, redis-server and Postgres are there and builds the components
+# and the host once in release. Then it runs `cargo test --release` for the
 # integration tests (nexus-tests) and the load generator's small runs
 # (nexus-load), which all reuse that build.
 #

@@ -119,7 +119,7 @@ nexus_redis_address() {
 }
 
 # Returns 0 when a Redis server replies to PING at HOST PORT within 2 seconds.
-# A server that asks for a password (NOAUTH) counts as reachable.
+# A server that requires a password (NOAUTH) counts as reachable.
 nexus_redis_reachable() {
     # shellcheck disable=SC2016 # $1 and $2 expand in the inner shell.
     timeout 2 bash -c '

@@ -1,7 +1,7 @@
-//! Delivery guarantees as a client receives them: catch-up after a reconnect merged
-//! with live delivery (each message once, in order, none missing), messages
-//! that arrived while an old client was offline, and a slow consumer that
-//! must neither grow the host's memory nor hold up other clients.
+//! Delivery guarantees as a client receives them. Catch-up after a reconnect
+//! merges with live delivery (each message once, in order, none missing), an
+//! old client gets the messages that arrived while it was offline, and a
+//! slow consumer neither grows the host's memory nor holds up other clients.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

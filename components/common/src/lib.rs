@@ -1,7 +1,7 @@
 //! Shared library of the Nexus Chat guest components (auth, message and
 //! presence).
 //!
-//! It holds what the components have in common and what can be tested on
+//! It contains what the components have in common and what can be tested on
 //! the build machine: token verification, settings, the Redis rate limit,
 //! field validation, the JSON payloads of the client protocol and the HTTP
 //! route helpers. Modules that talk to Redis, Postgres or the Spin variables

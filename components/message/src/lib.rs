@@ -255,7 +255,7 @@ fn is_connected(redis: &redis::Connection, user_id: &str) -> Result<bool, Error>
 /// offline. At most `catchup_max` messages are replayed, oldest first; the
 /// rest stay readable through the history route.
 ///
-/// The host holds live deliveries back until this handler returns and then
+/// The host keeps live deliveries back until this handler returns and then
 /// drops live copies of the replayed frames, so each message arrives once
 /// and in order.
 fn catch_up(event: &Event) -> Result<Vec<Effect>, Error> {

@@ -34,7 +34,7 @@ pub fn layer(
     ping_interval: Duration,
     send_queue_frames: usize,
 ) -> (SocketIoLayer, SocketIo) {
-    // The packet buffer holds what was emitted and the transport has not
+    // The packet buffer contains what was emitted and the transport has not
     // sent yet. An event can take two packets (its reply and the
     // acknowledgement), and long-polling drains it one request at a time,
     // so it gets room for twice the session's queue.

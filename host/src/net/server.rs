@@ -25,8 +25,9 @@ use crate::app::App;
 use crate::metrics::Metrics;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
-/// Read buffer of one WebSocket; larger frames are read in several chunks.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer of one WebSocket, which every idle connection keeps. Chat
+/// frames are a few hundred bytes; larger frames take several reads.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// Bytes a WebSocket may have waiting in its write buffer beyond one frame
 /// before a send fails; the session's own queue bounds the rest.

@@ -541,7 +541,7 @@ async fn route_published(
                 };
                 if let Some(session) = registry.replace_older(user, epoch) {
                     info!(user_id = user, connection_id = %session.connection_id, "connection replaced by a newer one");
-                    let _ = session.control.send(Control::Replaced);
+                    session.control.send(Control::Replaced);
                     unsubscribe(user);
                 }
             }

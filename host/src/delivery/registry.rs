@@ -1,11 +1,12 @@
 //! The registry of this instance's authenticated connections, by user.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// A frame queued for a client's writer task.
 #[derive(Debug, Clone)]
@@ -16,12 +17,56 @@ pub enum Outgoing {
 }
 
 /// An instruction for a session's own loop, not its writer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// A newer connection of the same user took over.
     Replaced,
     /// The client does not read fast enough; its queue is full.
     SendQueueFull,
+}
+
+impl Control {
+    const ALL: [Control; 2] = [Control::Replaced, Control::SendQueueFull];
+
+    fn bit(self) -> u8 {
+        match self {
+            Control::Replaced => 1,
+            Control::SendQueueFull => 2,
+        }
+    }
+}
+
+/// Where other tasks leave instructions for one session. Each instruction
+/// is a flag, so repeats before the session looks count once; that is all
+/// either instruction needs, and it costs an idle connection far less than
+/// a channel.
+#[derive(Debug, Default)]
+pub struct ControlSignal {
+    pending: AtomicU8,
+    notify: Notify,
+}
+
+impl ControlSignal {
+    pub fn send(&self, control: Control) {
+        self.pending.fetch_or(control.bit(), Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    /// Waits for the next instruction; `Replaced` comes first when both
+    /// are pending.
+    pub async fn recv(&self) -> Control {
+        loop {
+            for control in Control::ALL {
+                let before = self.pending.fetch_and(!control.bit(), Ordering::AcqRel);
+                if before & control.bit() != 0 {
+                    return control;
+                }
+            }
+            // notify_one leaves a permit when nobody waits, so a send
+            // between the check above and this wait is not lost.
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// Handles on one live session.
@@ -31,7 +76,7 @@ pub struct SessionHandle {
     /// Bind epoch from Redis; a higher epoch is a newer connection.
     pub epoch: u64,
     pub outgoing: mpsc::Sender<Outgoing>,
-    pub control: mpsc::UnboundedSender<Control>,
+    pub control: Arc<ControlSignal>,
 }
 
 impl SessionHandle {
@@ -41,7 +86,7 @@ impl SessionHandle {
         match self.outgoing.try_send(Outgoing::Text(frame)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                let _ = self.control.send(Control::SendQueueFull);
+                self.control.send(Control::SendQueueFull);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -184,5 +229,45 @@ impl Registry {
             .expect("registry lock poisoned")
             .sessions
             .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Control, ControlSignal};
+
+    #[tokio::test]
+    async fn control_signal_keeps_instructions_sent_before_the_wait() {
+        let signal = ControlSignal::default();
+        signal.send(Control::SendQueueFull);
+        signal.send(Control::SendQueueFull);
+        signal.send(Control::Replaced);
+        assert_eq!(signal.recv().await, Control::Replaced);
+        assert_eq!(signal.recv().await, Control::SendQueueFull);
+        let nothing = tokio::time::timeout(Duration::from_millis(50), signal.recv()).await;
+        assert!(
+            nothing.is_err(),
+            "a repeated instruction was delivered twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn control_signal_wakes_a_waiting_session() {
+        let signal = std::sync::Arc::new(ControlSignal::default());
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.recv().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        signal.send(Control::Replaced);
+        let received = tokio::time::timeout(Duration::from_secs(2), waiter).await;
+        assert_eq!(
+            received
+                .expect("waiter not woken")
+                .expect("waiter panicked"),
+            Control::Replaced
+        );
     }
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::close;
 use crate::app::{AddressSlot, App};
-use crate::delivery::registry::{Control, Insert, Outgoing, SessionHandle};
+use crate::delivery::registry::{Control, ControlSignal, Insert, Outgoing, SessionHandle};
 use crate::metrics::Metrics;
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
 use crate::runtime::InvokeError;
@@ -156,7 +156,7 @@ pub struct Session {
     /// Tells the writer to stop at once and send this close frame.
     abort_writer: watch::Sender<Option<(u16, String)>>,
     outgoing: mpsc::Sender<Outgoing>,
-    control_tx: mpsc::UnboundedSender<Control>,
+    control: Arc<ControlSignal>,
     timers: HashMap<String, PendingTimer>,
     /// Host-raised events queued by effects, run after the current batch.
     pending: VecDeque<(String, String, EventSource)>,
@@ -239,7 +239,6 @@ impl Session {
         slot: AddressSlot,
     ) {
         let (outgoing, outgoing_rx) = mpsc::channel(app.config.send_queue_frames);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (abort_writer, abort_rx) = watch::channel(None);
         let writer = spawn_writer(outgoing_rx, abort_rx);
         app.metrics.connections.inc();
@@ -255,7 +254,7 @@ impl Session {
             staging: None,
             abort_writer,
             outgoing,
-            control_tx,
+            control: Arc::default(),
             timers: HashMap::new(),
             pending: VecDeque::new(),
             last_activity: Instant::now(),
@@ -276,7 +275,7 @@ impl Session {
         let mut inbound = inbound;
         let end = match session.closing {
             Some(code) => End::Closed(code),
-            None => session.read_loop(&mut inbound, control_rx).await,
+            None => session.read_loop(&mut inbound).await,
         };
         if matches!(end, End::Closed(_)) && session.transport == Transport::WebSocket {
             // Wait for the client's close frame, so the close handshake
@@ -306,11 +305,8 @@ impl Session {
         }
     }
 
-    async fn read_loop(
-        &mut self,
-        inbound: &mut BoxStream<'static, Inbound>,
-        mut control: mpsc::UnboundedReceiver<Control>,
-    ) -> End {
+    async fn read_loop(&mut self, inbound: &mut BoxStream<'static, Inbound>) -> End {
+        let control = self.control.clone();
         let opened = Instant::now();
         let mut ping = tokio::time::interval(self.app.config.ping_interval());
         ping.tick().await;
@@ -327,7 +323,9 @@ impl Session {
                 None => None,
             };
             let idle_due = match self.transport {
-                Transport::WebSocket => Some(self.last_activity + self.app.config.inactivity_timeout()),
+                Transport::WebSocket => {
+                    Some(self.last_activity + self.app.config.inactivity_timeout())
+                }
                 Transport::SocketIo => None,
             };
             // One sleep for all deadlines keeps an idle session's task small.
@@ -351,7 +349,7 @@ impl Session {
                         Inbound::Closed => return End::ClientGone,
                     }
                 }
-                Some(instruction) = control.recv() => match instruction {
+                instruction = control.recv() => match instruction {
                     Control::Replaced => {
                         self.replaced = true;
                         self.close(close::REPLACED, "replaced by a newer connection");
@@ -718,11 +716,11 @@ impl Session {
             connection_id: self.id.clone(),
             epoch: bound.epoch,
             outgoing: staged,
-            control: self.control_tx.clone(),
+            control: self.control.clone(),
         };
         match self.app.registry.insert(&user_id, handle) {
             Insert::Current(Some(previous)) => {
-                let _ = previous.control.send(Control::Replaced);
+                previous.control.send(Control::Replaced);
             }
             Insert::Current(None) => {}
             Insert::Superseded => {

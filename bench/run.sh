@@ -232,6 +232,8 @@ if ((build)); then
     wait_for_other_builds
     log "building nexus-load (release)"
     cargo build --release -p nexus-load
+    log "building the invoke benchmark"
+    cargo bench -p nexus-host --bench invoke --no-run
 fi
 for binary in target/release/nexus-host target/release/nexus-load; do
     if [[ ! -x $binary ]]; then
@@ -782,6 +784,21 @@ scenario_cluster() {
     stop_pid "$redis"
 }
 
+# ------------------------------------------------------------- invoke
+
+# The host's micro-benchmark of one event on a fresh instance, no I/O:
+# `cargo bench -p nexus-host --bench invoke`, once per rep. RUST_BACKTRACE
+# is cleared because Wasmtime captures a backtrace for some errors it
+# creates and discards, which the benchmark would then count.
+scenario_invoke() {
+    log "scenario invoke: cargo bench -p nexus-host --bench invoke, $reps run(s)"
+    local rep
+    for ((rep = 1; rep <= reps; rep++)); do
+        env -u RUST_BACKTRACE cargo bench -p nexus-host --bench invoke 2>"$results/invoke-$rep.log" \
+            | tee "$results/invoke-$rep.txt" >&2
+    done
+}
+
 # ------------------------------------------------------------- main
 
 started=$(date +%s)
@@ -791,6 +808,7 @@ scenario_latency
 scenario_connect
 scenario_idle
 scenario_cluster
+scenario_invoke
 log "all scenarios done in $(($(date +%s) - started)) s; writing $page"
 mkdir -p "$(dirname "$page")"
 python3 "$root/bench/report.py" --results "$results" --out "$page" \

@@ -786,10 +786,8 @@ scenario_cluster() {
 
 # ------------------------------------------------------------- invoke
 
-# The host's micro-benchmark of one event on a fresh instance, no I/O:
-# `cargo bench -p nexus-host --bench invoke`, once per rep. RUST_BACKTRACE
-# is cleared because Wasmtime captures a backtrace for some errors it
-# creates and discards, which the benchmark would then count.
+# Runs the host's micro-benchmark of one event on a fresh instance, without
+# I/O, once per rep. RUST_BACKTRACE is cleared, as on a production host.
 scenario_invoke() {
     log "scenario invoke: cargo bench -p nexus-host --bench invoke, $reps run(s)"
     local rep

@@ -117,8 +117,8 @@ pub struct Config {
     pub instance_memory_mib: usize,
 
     /// Component instances that may run at once, counting those waiting on
-    /// Redis or Postgres; the pooling allocator reserves slots for this
-    /// many, and each slot used keeps INSTANCE_KEEP_RESIDENT_KIB resident.
+    /// Redis or Postgres. The pooling allocator reserves a slot for each,
+    /// and each slot used keeps up to INSTANCE_KEEP_RESIDENT_KIB resident.
     #[arg(
         global = true,
         long,
@@ -127,9 +127,9 @@ pub struct Config {
     )]
     pub max_concurrent_instances: u32,
 
-    /// Bytes of an instance's memory, in KiB, that are reset by copying
-    /// and kept resident when the instance ends, instead of being unmapped.
-    /// Saves page faults on the next event; 0 unmaps everything.
+    /// Instance memory, in KiB, that is reset by copying and kept resident
+    /// when the instance ends, so the next event takes no page faults.
+    /// 0 unmaps all of it.
     #[arg(
         global = true,
         long,

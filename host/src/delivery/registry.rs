@@ -36,10 +36,9 @@ impl Control {
     }
 }
 
-/// Where other tasks leave instructions for one session. Each instruction
-/// is a flag, so repeats before the session looks count once; that is all
-/// either instruction needs, and it costs an idle connection far less than
-/// a channel.
+/// Instructions that other tasks leave for one session, as flags. Repeats
+/// before the session looks count once, which is all either instruction
+/// needs, and flags cost an idle connection far less than a channel.
 #[derive(Debug, Default)]
 pub struct ControlSignal {
     pending: AtomicU8,
@@ -62,7 +61,7 @@ impl ControlSignal {
                     return control;
                 }
             }
-            // notify_one leaves a permit when nobody waits, so a send
+            // notify_one stores a permit when no task is waiting, so a send
             // between the check above and this wait is not lost.
             self.notify.notified().await;
         }

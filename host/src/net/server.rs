@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
 /// Read buffer of one WebSocket, which every idle connection keeps. Chat
-/// frames are a few hundred bytes; larger frames take several reads.
+/// frames are a few hundred bytes, and larger frames take several reads.
 const READ_BUFFER_BYTES: usize = 1024;
 
 /// Bytes a WebSocket may have waiting in its write buffer beyond one frame

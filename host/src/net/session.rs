@@ -482,9 +482,9 @@ impl Session {
     /// Runs an event through its components, then the host events its
     /// effects queued.
     ///
-    /// The future is boxed: it holds the component calls' state, which
-    /// would otherwise be part of every session's task, idle or not, and
-    /// make it 1.7 KiB larger.
+    /// The future is boxed because it contains the component calls' state.
+    /// Unboxed, that state would make every session's task, idle or not,
+    /// 1.7 KiB larger.
     fn dispatch<'a>(
         &'a mut self,
         event: &str,
@@ -499,7 +499,7 @@ impl Session {
                     self.release_staged();
                 }
             }
-            // Most sessions dispatch rarely; an empty queue keeps no buffer.
+            // Most sessions dispatch rarely, so the empty queue frees its buffer.
             self.pending = VecDeque::new();
         })
     }

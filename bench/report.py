@@ -469,10 +469,10 @@ def invoke_medians(results):
 
 
 def invoke_goal_row(results):
-    what = "component instantiate + handle, no I/O (`cargo bench`)"
+    goal_name = "component instantiate + handle, no I/O (`cargo bench`)"
     medians = invoke_medians(results)
     if not medians:
-        return [what, f"median ≤ {GOAL_INVOKE_US} µs", "not measured", "not measured"]
+        return [goal_name, f"median ≤ {GOAL_INVOKE_US} µs", "not measured", "not measured"]
     median = statistics.median(medians)
     runs = ", ".join(f"{value:.1f}" for value in medians)
     measured = f"{median:.1f} µs (runs: {runs} µs)"
@@ -481,7 +481,7 @@ def invoke_goal_row(results):
     else:
         over = median - GOAL_INVOKE_US
         result = f"not met: {over:.1f} µs over ({median / GOAL_INVOKE_US:.1f}x)"
-    return [what, f"median ≤ {GOAL_INVOKE_US} µs", measured, result]
+    return [goal_name, f"median ≤ {GOAL_INVOKE_US} µs", measured, result]
 
 
 def idle_goal_result(open_count, goal_count, memory):

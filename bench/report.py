@@ -455,14 +455,19 @@ def write_summary(page, results, chat, latency_runs, connect_runs, idle_runs, cl
     page.table(["what", "goal", "measured (median)", "result"], rows)
 
 
-INVOKE_LINE = re.compile(r"median ([0-9.]+) us, p90 ([0-9.]+) us, p99 ([0-9.]+) us")
+INVOKE_MEDIAN = re.compile(r"median ([0-9.]+) us")
+
+
+def invoke_rep(path):
+    """Return the rep number N of an invoke-N.txt file."""
+    return int(path.stem.split("-")[1])
 
 
 def invoke_medians(results):
-    """Medians of the `cargo bench` runs (invoke-N.txt), in run order."""
+    """Return the medians of the `cargo bench` runs (invoke-N.txt), in run order."""
     medians = []
-    for path in sorted(results.folder.glob("invoke-*.txt")):
-        match = INVOKE_LINE.search(path.read_text())
+    for path in sorted(results.folder.glob("invoke-*.txt"), key=invoke_rep):
+        match = INVOKE_MEDIAN.search(path.read_text())
         if match:
             medians.append(float(match.group(1)))
     return medians

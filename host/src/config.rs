@@ -127,9 +127,9 @@ pub struct Config {
     )]
     pub max_concurrent_instances: u32,
 
-    /// Instance memory, in KiB, that is reset by copying and kept resident
-    /// when the instance ends, so the next event takes no page faults.
-    /// 0 unmaps all of it.
+    /// Instance memory, in KiB, that is reset in place and kept resident when
+    /// the instance ends, so the next event in the slot takes fewer page
+    /// faults. 0 unmaps all of it.
     #[arg(
         global = true,
         long,

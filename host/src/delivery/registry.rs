@@ -51,8 +51,8 @@ impl ControlSignal {
         self.notify.notify_one();
     }
 
-    /// Waits for the next instruction; `Replaced` comes first when both
-    /// are pending.
+    /// Waits for the next instruction. `Replaced` comes first when both are
+    /// pending.
     pub async fn recv(&self) -> Control {
         loop {
             for control in Control::ALL {
@@ -238,7 +238,7 @@ mod tests {
     use super::{Control, ControlSignal};
 
     #[tokio::test]
-    async fn control_signal_keeps_instructions_sent_before_the_wait() {
+    async fn control_signal_keeps_early_sends() {
         let signal = ControlSignal::default();
         signal.send(Control::SendQueueFull);
         signal.send(Control::SendQueueFull);
@@ -253,7 +253,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn control_signal_wakes_a_waiting_session() {
+    async fn control_signal_wakes_waiting_session() {
         let signal = std::sync::Arc::new(ControlSignal::default());
         let waiter = tokio::spawn({
             let signal = signal.clone();

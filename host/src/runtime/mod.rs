@@ -449,12 +449,13 @@ fn build_engine(config: &Config, memory_cap: usize) -> anyhow::Result<Engine> {
         .max_core_instances_per_component(16)
         .max_memory_size(memory_cap);
     // An instance's memory goes back to the pool after every event. With
-    // PAGEMAP_SCAN (Linux 6.7 and later) only the pages the instance wrote
-    // are reset, by copying, and they stay mapped, so the next instance in
-    // the slot takes no page faults and no madvise flushes the TLB.
-    // Without it the lowest bytes are reset with memset and the rest is
-    // unmapped. Either way the pages stay resident in each slot used, and
-    // MAX_CONCURRENT_INSTANCES bounds the slots.
+    // PAGEMAP_SCAN (Linux 6.7 and later) the pages the instance wrote are
+    // reset by copying, up to keep_resident bytes, and stay mapped. So the
+    // next instance in the slot takes no page faults on them, and no
+    // madvise flushes the TLB. Without PAGEMAP_SCAN the lowest
+    // keep_resident bytes are reset with memset. Either way the rest is
+    // unmapped, and MAX_CONCURRENT_INSTANCES bounds the slots that keep
+    // pages resident.
     let keep_resident = config.instance_keep_resident_kib * 1024;
     pool.pagemap_scan(wasmtime::Enabled::Auto)
         .linear_memory_keep_resident(keep_resident)

@@ -2,8 +2,10 @@
 # Runs the Nexus Chat integration tests. It makes sure the toolchain,
 # wasm-tools, redis-server and Postgres are there and builds the components
 # and the host once in release. Then it runs `cargo test --release` for the
-# integration tests (nexus-tests), the host's unit tests (nexus-host) and
-# the load generator's small runs (nexus-load), which all reuse that build.
+# integration tests (nexus-tests), the host's unit tests (nexus-host), the
+# load generator's small runs (nexus-load), which all reuse that build, and
+# the unit tests of the components' shared library (nexus-guest), built
+# natively.
 #
 # Arguments are passed to the test binaries, for example a name filter:
 #   tests/run.sh typing
@@ -45,4 +47,4 @@ nexus_log "running the integration tests with $threads test threads"
 # timeout(1) signals its whole process group when the bound passes, so the
 # hosts and Redis servers of the running tests stop too.
 timeout --kill-after=30 "${NEXUS_TEST_TIMEOUT_S:-2700}" \
-    cargo test --release --no-fail-fast -p nexus-tests -p nexus-host -p nexus-load -- --test-threads="$threads" "$@"
+    cargo test --release --no-fail-fast -p nexus-tests -p nexus-host -p nexus-load -p nexus-guest -- --test-threads="$threads" "$@"

@@ -91,6 +91,26 @@ impl RedisServer {
         self.port
     }
 
+    /// Runs one command with `redis-cli` (installed with Debian's
+    /// `redis-server`, which depends on `redis-tools`) and returns its
+    /// reply as `redis-cli` prints it, without the trailing newline.
+    pub fn command(&self, arguments: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(arguments)
+            .output()
+            .unwrap_or_else(|error| panic!("failed to run redis-cli {arguments:?}: {error}"));
+        assert!(
+            output.status.success(),
+            "redis-cli {arguments:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_owned()
+    }
+
     /// Kills the server (SIGKILL), so clients see Redis as unreachable.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -99,6 +99,10 @@ impl System {
         &mut self.hosts[index]
     }
 
+    pub fn redis(&self) -> &RedisServer {
+        &self.redis
+    }
+
     pub fn redis_mut(&mut self) -> &mut RedisServer {
         &mut self.redis
     }

@@ -75,6 +75,43 @@ async fn client_message_id_is_per_sender() {
 }
 
 #[tokio::test]
+async fn stale_dedup_key_stores_new_message() {
+    let system = System::start(1).await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut bob = system.connect(0, "bob").await;
+    // A dedup key that names no stored message of alice's, as a key left
+    // by another sender whose ids contain `:` would.
+    let stale_id = "00000000000000099999";
+    let reply = system
+        .redis()
+        .command(&["SET", "nexus:dedup:alice:stale-1", stale_id]);
+    assert_eq!(reply, "OK");
+
+    let sent = alice
+        .send_message_to("bob", "after a stale key", Some("stale-1"))
+        .await;
+    let id = message_id(&sent, "messageId");
+    assert_ne!(id, stale_id);
+    let delivered = bob.recv_event("NEW_MESSAGE", EVENT_TIMEOUT).await;
+    assert_eq!(message_id(&delivered, "messageId"), id);
+    assert_eq!(system.message_count().await, 1);
+    // Counted once against the rate limit, and the key now names it.
+    let counted = system.redis().command(&["GET", "nexus:rate:msg:alice"]);
+    assert_eq!(counted, "1");
+    let key = system
+        .redis()
+        .command(&["GET", "nexus:dedup:alice:stale-1"]);
+    assert_eq!(key, id);
+
+    let repeat = alice
+        .send_message_to("bob", "after a stale key", Some("stale-1"))
+        .await;
+    assert_eq!(message_id(&repeat, "messageId"), id);
+    bob.expect_no_event("NEW_MESSAGE", QUIET_PERIOD).await;
+    assert_eq!(system.message_count().await, 1);
+}
+
+#[tokio::test]
 async fn retry_after_trap_after_store_delivers_once() {
     let system = System::start_with(1, Settings::default().with_faults()).await;
     let mut alice = system.connect(0, "alice").await;

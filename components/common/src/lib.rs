@@ -16,6 +16,7 @@ pub mod messages;
 pub mod payload;
 pub mod presence;
 pub mod rate_limit;
+pub mod send;
 pub mod settings;
 pub mod storage;
 pub mod time;

@@ -5,52 +5,67 @@
 //! and expires with it. For limits with a block, `nexus:block:{kind}:{user}`
 //! exists while the user is blocked.
 
-use spin_sdk::redis::{self, RedisResult};
+use spin_sdk::redis::{self, RedisParameter, RedisResult};
 
 use crate::storage::{execute, integer, text};
 use crate::{Error, Result};
 
-/// The rate-limit script.
+/// Expands to the Lua source of `rate_limit(counter_key, block_key, limit,
+/// window_ms, block_ms)`, the fixed-window check that [`SCRIPT`] runs. Other
+/// scripts put it in front of their own body, so that a rate limit and the
+/// commands around it cost one Redis round trip.
 ///
-/// KEYS[1] is the window counter, KEYS[2] the block flag.
-/// ARGV[1] is the limit per window, ARGV[2] the window and ARGV[3] the
-/// block duration, both in milliseconds. A block of 0 means no block.
-/// It returns 0 when the event is allowed and otherwise the number of
-/// milliseconds until the user may try again (at least 1).
+/// `counter_key` counts events in the window and `block_key` is the block
+/// flag. The window and block durations are in milliseconds, and a block of
+/// 0 means no block. The function returns 0 when the event is allowed and
+/// otherwise the number of milliseconds until the user may try again (at
+/// least 1).
 ///
-/// While a block exists the script neither counts the event nor extends
+/// While a block exists the function neither counts the event nor extends
 /// the block, so `retryAfter` counts down to the end of the first block.
-pub const SCRIPT: &str = r#"
-local limit = tonumber(ARGV[1])
-local window_ms = tonumber(ARGV[2])
-local block_ms = tonumber(ARGV[3])
-if block_ms > 0 then
-  local blocked_for = redis.call('PTTL', KEYS[2])
-  if blocked_for > 0 then
-    return blocked_for
+#[macro_export]
+macro_rules! rate_limit_lua {
+    () => {
+        r#"
+local function rate_limit(counter_key, block_key, limit, window_ms, block_ms)
+  if block_ms > 0 then
+    local blocked_for = redis.call('PTTL', block_key)
+    if blocked_for > 0 then
+      return blocked_for
+    end
+    if blocked_for == -1 then
+      redis.call('PEXPIRE', block_key, block_ms)
+      return block_ms
+    end
   end
-  if blocked_for == -1 then
-    redis.call('PEXPIRE', KEYS[2], block_ms)
+  local count = redis.call('INCR', counter_key)
+  if redis.call('PTTL', counter_key) < 0 then
+    redis.call('PEXPIRE', counter_key, window_ms)
+  end
+  if count <= limit then
+    return 0
+  end
+  if block_ms > 0 then
+    redis.call('SET', block_key, '1', 'PX', block_ms)
     return block_ms
   end
+  local window_left = redis.call('PTTL', counter_key)
+  if window_left < 1 then
+    window_left = 1
+  end
+  return window_left
 end
-local count = redis.call('INCR', KEYS[1])
-if redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIRE', KEYS[1], window_ms)
-end
-if count <= limit then
-  return 0
-end
-if block_ms > 0 then
-  redis.call('SET', KEYS[2], '1', 'PX', block_ms)
-  return block_ms
-end
-local window_left = redis.call('PTTL', KEYS[1])
-if window_left < 1 then
-  window_left = 1
-end
-return window_left
-"#;
+"#
+    };
+}
+
+/// The rate-limit script: [`rate_limit_lua!`] on KEYS[1] (the window
+/// counter) and KEYS[2] (the block flag), with ARGV[1] the limit per window,
+/// ARGV[2] the window and ARGV[3] the block duration in milliseconds.
+pub const SCRIPT: &str = concat!(
+    rate_limit_lua!(),
+    "return rate_limit(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
+);
 
 /// One user's fixed-window limit for one kind of event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,17 +104,29 @@ impl FixedWindow<'_> {
 
     /// Counts one event and reports whether it is within the limit.
     pub fn check(&self, redis: &redis::Connection) -> Result<Decision> {
+        let [limit, window_ms, block_ms] = self.limit_arguments();
         let arguments = [
             text(SCRIPT),
             integer(2),
             text(&self.counter_key()),
             text(&self.block_key()),
-            integer(self.limit),
-            integer(self.window_s.saturating_mul(1000)),
-            integer(self.block_s.saturating_mul(1000)),
+            limit,
+            window_ms,
+            block_ms,
         ];
         let reply = execute(redis, "EVAL", &arguments)?;
         decision_from_reply(&reply)
+    }
+
+    /// Returns the limit, the window in milliseconds and the block in
+    /// milliseconds, the last three arguments of `rate_limit` in
+    /// [`rate_limit_lua!`].
+    pub fn limit_arguments(&self) -> [RedisParameter; 3] {
+        [
+            integer(self.limit),
+            integer(self.window_s.saturating_mul(1000)),
+            integer(self.block_s.saturating_mul(1000)),
+        ]
     }
 }
 

@@ -5,8 +5,9 @@
 //! delivery. It also serves the message history at `GET /messages/{peerId}`.
 
 use nexus_guest::messages::{self, HistoryQuery, StoredMessage};
-use nexus_guest::presence::{owner_key, partners_key, typing_timer_key};
-use nexus_guest::rate_limit::{Decision, FixedWindow};
+use nexus_guest::presence::typing_timer_key;
+use nexus_guest::rate_limit::FixedWindow;
+use nexus_guest::send::{self, Admission};
 use nexus_guest::storage::{self, integer, text};
 use nexus_guest::{fields, http, payload, settings, Error};
 use spin_sdk::http::Request;
@@ -54,13 +55,15 @@ impl Guest for Message {
 /// Handles `NEW_MESSAGE {receiverId, content, clientMessageId?}` from the
 /// connection's user.
 ///
-/// A repeated `clientMessageId` whose id is in the Redis dedup key gets the
-/// original `MESSAGE_SENT` and nothing else. Otherwise the message counts
-/// against the rate limit, is stored (or, on a unique-key conflict, the
-/// stored row is read back), and the dedup key is written last. The stored
-/// message is then delivered: a repeat whose earlier attempt stored the row
-/// but failed before returning had its effects discarded by the host, so
-/// delivering now delivers it once.
+/// One Redis script checks the dedup key, the rate limit and whether the
+/// receiver is connected. A repeated `clientMessageId` whose id is in the
+/// dedup key gets the original `MESSAGE_SENT` and nothing else. Otherwise
+/// the message counts against the rate limit and is stored (or, on a
+/// unique-key conflict, the stored row is read back). A second script then
+/// records the conversation partners and writes the dedup key last. The
+/// stored message is then delivered: a repeat whose earlier attempt stored
+/// the row but failed before returning had its effects discarded by the
+/// host, so delivering now delivers it once.
 fn new_message(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
     let sender = conn.user_id.as_deref().ok_or_else(Error::unauthenticated)?;
     let data = fields::parse_object(&event.data)?;
@@ -77,22 +80,34 @@ fn new_message(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
     }
 
     let redis = storage::open_redis()?;
-    if let Some(client_message_id) = client_message_id {
-        if let Some(original) = find_duplicate(&redis, sender, client_message_id)? {
+    let window = message_window(sender)?;
+    let dedup_key = client_message_id.map(|id| send::dedup_key(sender, id));
+    let mut admission = send::admit(&redis, &window, receiver, dedup_key.as_deref())?;
+    if let Admission::Duplicate { message_id } = &admission {
+        if let Some(original) = find_duplicate(sender, message_id)? {
             return Ok(vec![reply("MESSAGE_SENT", original.message_sent_data())]);
         }
+        // The dedup key points at no message of this sender, so the
+        // message is new after all.
+        admission = send::admit(&redis, &window, receiver, None)?;
     }
+    let receiver_online = match admission {
+        Admission::Allowed { receiver_online } => receiver_online,
+        Admission::Limited { retry_after_s } => {
+            let data = payload::rate_limit_exceeded(
+                "message rate limit exceeded",
+                retry_after_s,
+                "NEW_MESSAGE",
+            );
+            return Ok(vec![reply("RATE_LIMIT_EXCEEDED", data)]);
+        }
+        Admission::Duplicate { .. } => {
+            return Err(Error::internal(
+                "the message admission check returned a duplicate without a dedup key",
+            ))
+        }
+    };
 
-    if let Decision::Limited { retry_after_s } = check_rate_limit(&redis, sender)? {
-        let data = payload::rate_limit_exceeded(
-            "message rate limit exceeded",
-            retry_after_s,
-            "NEW_MESSAGE",
-        );
-        return Ok(vec![reply("RATE_LIMIT_EXCEEDED", data)]);
-    }
-
-    let receiver_offline = !is_connected(&redis, receiver)?;
     let db = storage::open_postgres()?;
     let message = store(
         &db,
@@ -100,7 +115,7 @@ fn new_message(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
         receiver,
         content,
         client_message_id,
-        receiver_offline,
+        !receiver_online,
     )?;
 
     if fault == Some(Fault::TrapAfterStore)
@@ -109,17 +124,14 @@ fn new_message(conn: &Connection, event: &Event) -> Result<Vec<Effect>, Error> {
         panic!("fault injection: trap after the message was stored");
     }
 
-    add_partners(&redis, &message)?;
-    if let Some(client_message_id) = &message.client_message_id {
-        let dedup_ttl_s = settings::get_u64("dedup_ttl_s", 1)?;
-        let arguments = [
-            text(&dedup_key(sender, client_message_id)),
-            text(&message.id),
-            text("EX"),
-            integer(dedup_ttl_s),
-        ];
-        storage::execute(&redis, "SET", &arguments)?;
-    }
+    send::record(
+        &redis,
+        &message.sender_id,
+        &message.receiver_id,
+        &message.id,
+        message.client_message_id.as_deref(),
+        settings::get_u64("dedup_ttl_s", 1)?,
+    )?;
 
     Ok(vec![
         Effect::Deliver(Delivery {
@@ -143,35 +155,21 @@ fn reply(event: &str, data: String) -> Effect {
     })
 }
 
-fn dedup_key(sender: &str, client_message_id: &str) -> String {
-    format!("nexus:dedup:{sender}:{client_message_id}")
-}
-
-/// Returns the message that the dedup key of `(sender, client_message_id)`
-/// points to.
+/// Returns the message `message_id` if `sender` sent it.
 ///
-/// The Postgres lookup also matches the sender, because ids that contain
-/// `:` can make two users' dedup keys equal. A key without a stored message
-/// counts as absent.
-fn find_duplicate(
-    redis: &redis::Connection,
-    sender: &str,
-    client_message_id: &str,
-) -> Result<Option<StoredMessage>, Error> {
-    let key = dedup_key(sender, client_message_id);
-    let stored_id = redis
-        .get(&key)
-        .map_err(|error| Error::unavailable("Redis", "GET", &error))?;
-    let Some(message_id) = stored_id.and_then(|bytes| String::from_utf8(bytes).ok()) else {
-        return Ok(None);
-    };
-    if !fields::is_message_id(&message_id) || message_id.parse::<i64>().is_err() {
-        eprintln!("dedup key {key} contains an invalid message id, so it is ignored");
+/// The dedup key's id is checked against Postgres with the sender, because
+/// ids that contain `:` can make two users' dedup keys equal. An id that is
+/// not a stored message of the sender counts as absent.
+fn find_duplicate(sender: &str, message_id: &str) -> Result<Option<StoredMessage>, Error> {
+    if !fields::is_message_id(message_id) || message_id.parse::<i64>().is_err() {
+        eprintln!(
+            "a dedup key of sender {sender} contains an invalid message id, so it is ignored"
+        );
         return Ok(None);
     }
     let db = storage::open_postgres()?;
     let parameters = [
-        ParameterValue::Str(message_id),
+        ParameterValue::Str(message_id.to_owned()),
         ParameterValue::Str(sender.to_owned()),
     ];
     let rows = db
@@ -183,15 +181,14 @@ fn find_duplicate(
         .transpose()
 }
 
-fn check_rate_limit(redis: &redis::Connection, sender: &str) -> Result<Decision, Error> {
-    let window = FixedWindow {
+fn message_window(sender: &str) -> Result<FixedWindow<'_>, Error> {
+    Ok(FixedWindow {
         kind: "msg",
         user_id: sender,
         limit: settings::get_u64("message_rate_limit", 0)?,
         window_s: settings::get_u64("message_rate_window_s", 1)?,
         block_s: settings::get_u64("message_block_s", 1)?,
-    };
-    window.check(redis)
+    })
 }
 
 /// Inserts the message, or on a `(sender_id, client_message_id)` conflict
@@ -241,12 +238,6 @@ fn store(
         Error::internal("message conflicted on clientMessageId but no stored row was found")
     })?;
     StoredMessage::from_row(row)
-}
-
-/// Reports whether the user has a connection on any instance.
-fn is_connected(redis: &redis::Connection, user_id: &str) -> Result<bool, Error> {
-    let reply = storage::execute(redis, "EXISTS", &[text(&owner_key(user_id))])?;
-    Ok(matches!(reply.as_slice(), [RedisResult::Int64(count)] if *count > 0))
 }
 
 /// Handles `$connected {userId, lastMessageId?}`: replays to the new
@@ -302,20 +293,6 @@ fn catch_up(event: &Event) -> Result<Vec<Effect>, Error> {
         .iter()
         .map(|message| reply("NEW_MESSAGE", message.new_message_data()))
         .collect())
-}
-
-/// Records the sender and receiver as each other's conversation partners.
-fn add_partners(redis: &redis::Connection, message: &StoredMessage) -> Result<(), Error> {
-    let pairs = [
-        (&message.sender_id, &message.receiver_id),
-        (&message.receiver_id, &message.sender_id),
-    ];
-    for (user, partner) in pairs {
-        redis
-            .sadd(&partners_key(user), std::slice::from_ref(partner))
-            .map_err(|error| Error::unavailable("Redis", "SADD", &error))?;
-    }
-    Ok(())
 }
 
 /// Faults for the test suite, requested by the whole message content and

@@ -46,6 +46,13 @@ nexus_build_components() {
 }
 
 nexus_build_host() {
+    # jemalloc, the host's allocator, is built from C source with make.
+    local missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    if ((${#missing[@]} > 0)); then
+        nexus_apt_install "${missing[@]}" || return 1
+    fi
     nexus_log "building nexus-host (release)"
     (cd "$NEXUS_REPO_ROOT" && cargo build --release -p nexus-host)
 }

@@ -43,6 +43,13 @@ enum Command {
     },
 }
 
+/// jemalloc instead of glibc's malloc: connect storms spent about 17% of
+/// the host's CPU samples in glibc's malloc and free, and jemalloc cut the
+/// host's CPU per connect by about a sixth (bench notes in
+/// docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     // `.env.local` is optional; the environment wins over it.
     let _ = dotenvy::from_filename(".env.local");

@@ -2,4 +2,5 @@
 //! that reaches users on other instances.
 
 pub mod backplane;
+pub mod queue;
 pub mod registry;

@@ -6,7 +6,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
+
+use super::queue::{FrameSender, TrySendError};
 
 /// A frame queued for a client's writer task.
 #[derive(Debug, Clone)]
@@ -74,7 +76,7 @@ pub struct SessionHandle {
     pub connection_id: String,
     /// Bind epoch from Redis; a higher epoch is a newer connection.
     pub epoch: u64,
-    pub outgoing: mpsc::Sender<Outgoing>,
+    pub outgoing: FrameSender,
     pub control: Arc<ControlSignal>,
 }
 
@@ -84,11 +86,11 @@ impl SessionHandle {
     pub fn send(&self, frame: Utf8Bytes) -> bool {
         match self.outgoing.try_send(Outgoing::Text(frame)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 self.control.send(Control::SendQueueFull);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed) => false,
         }
     }
 }
@@ -160,7 +162,7 @@ impl Registry {
     }
 
     /// Replaces the queue a user's frames go to, for the same connection.
-    pub fn redirect(&self, user_id: &str, connection_id: &str, outgoing: mpsc::Sender<Outgoing>) {
+    pub fn redirect(&self, user_id: &str, connection_id: &str, outgoing: FrameSender) {
         let mut users = self.users.write().expect("registry lock poisoned");
         if let Some(session) = users.sessions.get_mut(user_id) {
             if session.connection_id == connection_id {

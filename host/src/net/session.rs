@@ -16,12 +16,13 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use socketioxide::extract::AckSender;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tracing::{debug, info, warn};
 
 use super::close;
 use crate::app::{AddressSlot, App};
+use crate::delivery::queue::{self, FrameReceiver, FrameSender, TrySendError};
 use crate::delivery::registry::{Control, ControlSignal, Insert, Outgoing, SessionHandle};
 use crate::metrics::Metrics;
 use crate::runtime::bindings::{ConnectionInfo, Effect, Event, EventSource};
@@ -124,7 +125,7 @@ enum End {
 /// messages a handler replays (catch-up) come first and a live copy of the
 /// same frame is dropped.
 struct Staging {
-    frames: mpsc::Receiver<Outgoing>,
+    frames: FrameReceiver,
     replayed: HashSet<u64>,
 }
 
@@ -155,7 +156,7 @@ pub struct Session {
     staging: Option<Staging>,
     /// Tells the writer to stop at once and send this close frame.
     abort_writer: watch::Sender<Option<(u16, String)>>,
-    outgoing: mpsc::Sender<Outgoing>,
+    outgoing: FrameSender,
     control: Arc<ControlSignal>,
     timers: HashMap<String, PendingTimer>,
     /// Host-raised events queued by effects, run after the current batch.
@@ -233,12 +234,12 @@ impl Session {
         app: Arc<App>,
         transport: Transport,
         inbound: BoxStream<'static, Inbound>,
-        spawn_writer: impl FnOnce(mpsc::Receiver<Outgoing>, AbortSignal) -> tokio::task::JoinHandle<()>,
+        spawn_writer: impl FnOnce(FrameReceiver, AbortSignal) -> tokio::task::JoinHandle<()>,
         remote: SocketAddr,
         handshake_token: Option<String>,
         slot: AddressSlot,
     ) {
-        let (outgoing, outgoing_rx) = mpsc::channel(app.config.send_queue_frames);
+        let (outgoing, outgoing_rx) = queue::channel(app.config.send_queue_frames);
         let (abort_writer, abort_rx) = watch::channel(None);
         let writer = spawn_writer(outgoing_rx, abort_rx);
         app.metrics.connections.inc();
@@ -707,7 +708,7 @@ impl Session {
                 return false;
             }
         };
-        let (staged, staged_rx) = mpsc::channel(self.app.config.send_queue_frames);
+        let (staged, staged_rx) = queue::channel(self.app.config.send_queue_frames);
         let handle = SessionHandle {
             connection_id: self.id.clone(),
             epoch: bound.epoch,
@@ -812,8 +813,8 @@ impl Session {
     fn send_now(&mut self, text: Utf8Bytes) {
         match self.outgoing.try_send(Outgoing::Text(text)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.drop_slow_consumer(),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full) => self.drop_slow_consumer(),
+            Err(TrySendError::Closed) => {}
         }
     }
 
@@ -829,7 +830,7 @@ impl Session {
                 .redirect(user_id, &self.id, self.outgoing.clone());
         }
         // Frames sent before the redirect are all in the channel now.
-        while let Ok(frame) = staging.frames.try_recv() {
+        while let Some(frame) = staging.frames.try_recv() {
             if let Outgoing::Text(text) = frame {
                 if !staging.replayed.contains(&frame_hash(text.as_str())) {
                     self.send_now(text);
@@ -927,7 +928,7 @@ impl Session {
 
 async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
-    mut frames: mpsc::Receiver<Outgoing>,
+    mut frames: FrameReceiver,
     mut abort: watch::Receiver<Option<(u16, String)>>,
 ) {
     loop {

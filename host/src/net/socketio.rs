@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::close;
 use super::session::{aborted, AbortSignal, Inbound, Session, Transport};
 use crate::app::App;
+use crate::delivery::queue::FrameReceiver;
 use crate::delivery::registry::Outgoing;
 
 /// Events a Socket.IO socket may have waiting for its session.
@@ -187,11 +188,7 @@ struct QueuedFrame<'a> {
 }
 
 /// Emits queued frames as Socket.IO events until the session closes.
-async fn write_events(
-    socket: SocketRef,
-    mut frames: mpsc::Receiver<Outgoing>,
-    mut abort: AbortSignal,
-) {
+async fn write_events(socket: SocketRef, mut frames: FrameReceiver, mut abort: AbortSignal) {
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,

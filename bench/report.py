@@ -259,6 +259,14 @@ GROUPS = [
     (("tracing", "tracing_subscriber", "tracing_core"), "logging"),
     (("nexus_host",), "nexus-host's own code"),
 ]
+# jemalloc is linked into nexus-host. Its exported functions carry
+# tikv-jemalloc-sys's `_rjem_` prefix, and the other patterns are names of
+# its internal functions.
+JEMALLOC_SYMBOLS = re.compile(
+    r"^(_rjem_|je_|do_rallocx|imalloc|ifree|isfree|malloc_default|free_default|sdallocx_default|"
+    r"arena_|tcache_|extent_|large_|emap_|edata_|ecache_|pac_|hpa_|sec_|bin_|tsd_|pages_)"
+)
+
 MALLOC_SYMBOLS = re.compile(
     r"^(_int_malloc|malloc|cfree|free|_int_free|_int_realloc|realloc|calloc|__libc_calloc|"
     r"malloc_consolidate|unlink_chunk|_int_memalign|tcache_|__libc_malloc|__libc_free|"
@@ -287,6 +295,8 @@ def symbol_group(dso, symbol):
     if dso in ("node", "nodejs") or dso.startswith("libnode"):
         return "node (V8 and libuv)"
     if dso.startswith("nexus-host"):
+        if JEMALLOC_SYMBOLS.match(symbol):
+            return "malloc and free (jemalloc)"
         for crate in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)::", symbol):
             if crate in SKIPPED_CRATES:
                 continue

@@ -157,8 +157,8 @@ fn reply(event: &str, data: String) -> Effect {
 
 /// Returns the message `message_id` if `sender` sent it.
 ///
-/// The dedup key's id is checked against Postgres with the sender, because
-/// ids that contain `:` can make two users' dedup keys equal. An id that is
+/// Checks the dedup key's id against Postgres with the sender, because ids
+/// that contain `:` can make two users' dedup keys equal. An id that is
 /// not a stored message of the sender counts as absent.
 fn find_duplicate(sender: &str, message_id: &str) -> Result<Option<StoredMessage>, Error> {
     if !fields::is_message_id(message_id) || message_id.parse::<i64>().is_err() {

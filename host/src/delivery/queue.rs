@@ -17,7 +17,7 @@ use super::registry::Outgoing;
 /// (a catch-up replay, say) does not keep its memory on an idle connection.
 const KEEP_SLOTS: usize = 16;
 
-/// Why [`FrameSender::try_send`] did not queue a frame.
+/// Reason that [`FrameSender::try_send`] did not queue a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrySendError {
     /// The queue is at its capacity.

@@ -9,9 +9,9 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
+use sha2::Sha256;
 
 use crate::fields::ID_MAX_CHARS;
 use crate::{settings, Error, Result};
@@ -125,24 +125,53 @@ pub fn check_secret(secret: &str) -> Result<()> {
 
 /// Verifies `token` with `secret` and returns its claims.
 pub fn verify(token: &str, secret: &[u8]) -> std::result::Result<Claims, TokenError> {
+    verify_at(token, secret, crate::time::now_ms() / 1000)
+}
+
+/// Verifies `token` as [`verify`] does, at `now_s` seconds since the Unix
+/// epoch. A token whose `exp` equals `now_s` is still valid.
+///
+/// The checks run in a fixed order: the token's shape, the header's `alg`,
+/// the signature, then the claims. So the error for a token with a bad
+/// signature reveals nothing about its claims.
+pub fn verify_at(
+    token: &str,
+    secret: &[u8],
+    now_s: u64,
+) -> std::result::Result<Claims, TokenError> {
     if token.is_empty() {
         return Err(TokenError::Missing);
     }
-    // jsonwebtoken reports an unknown `alg` such as `none` as a JSON error,
-    // so the header is read here first to name the algorithm in the message.
-    check_algorithm(token)?;
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    check_algorithm(header)?;
 
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.set_required_spec_claims(&["sub", "exp"]);
-    validation.leeway = 0;
-    validation.validate_exp = true;
-    // No audience is configured, so a token's `aud` claim is not checked.
-    validation.validate_aud = false;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| TokenError::Malformed)?;
+    // HMAC accepts a key of any length, and `check_secret` enforces the minimum.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| TokenError::BadSignature)?;
+    mac.update(header.as_bytes());
+    mac.update(b".");
+    mac.update(payload.as_bytes());
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(&signature)
+        .map_err(|_| TokenError::BadSignature)?;
 
-    let key = DecodingKey::from_secret(secret);
-    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
-        .map_err(|error| token_error(error.kind()))?;
-    claims_from_map(&data.claims)
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
+    let claims: Map<String, Value> =
+        serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+    let claims = claims_from_map(&claims)?;
+    if claims.exp < now_s {
+        return Err(TokenError::Expired);
+    }
+    Ok(claims)
 }
 
 /// Checks verified `claims` against the `userId` the client sent
@@ -162,8 +191,7 @@ pub fn check_subject(
     Ok(())
 }
 
-fn check_algorithm(token: &str) -> std::result::Result<(), TokenError> {
-    let encoded_header = token.split('.').next().unwrap_or_default();
+fn check_algorithm(encoded_header: &str) -> std::result::Result<(), TokenError> {
     let header_bytes = URL_SAFE_NO_PAD
         .decode(encoded_header)
         .map_err(|_| TokenError::Malformed)?;
@@ -179,24 +207,6 @@ fn check_algorithm(token: &str) -> std::result::Result<(), TokenError> {
 fn printable_algorithm(alg: &str) -> Option<String> {
     let printable = alg.len() <= 16 && alg.bytes().all(|byte| byte.is_ascii_alphanumeric());
     printable.then(|| alg.to_owned())
-}
-
-fn token_error(kind: &ErrorKind) -> TokenError {
-    match kind {
-        ErrorKind::InvalidSignature => TokenError::BadSignature,
-        ErrorKind::ExpiredSignature => TokenError::Expired,
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            TokenError::WrongAlgorithm(None)
-        }
-        ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
-            if claim == "sub" {
-                TokenError::MissingSubject
-            } else {
-                TokenError::MissingExpiry
-            }
-        }
-        _ => TokenError::Malformed,
-    }
 }
 
 fn claims_from_map(claims: &Map<String, Value>) -> std::result::Result<Claims, TokenError> {
@@ -223,7 +233,7 @@ fn claims_from_map(claims: &Map<String, Value>) -> std::result::Result<Claims, T
 
 #[cfg(test)]
 mod tests {
-    use jsonwebtoken::{encode, EncodingKey, Header};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     use serde_json::json;
 
     use super::*;
@@ -361,6 +371,56 @@ mod tests {
             );
         }
         assert_eq!(verify("", SECRET), Err(TokenError::Missing));
+    }
+
+    #[test]
+    fn verify_at_expiry_boundary() {
+        let exp = 2_000_000_000;
+        let token = sign(&json!({"sub": "alice", "exp": exp}), SECRET);
+        assert!(verify_at(&token, SECRET, exp).is_ok());
+        assert_eq!(verify_at(&token, SECRET, exp + 1), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn verify_checks_signature_before_claims() {
+        let no_sub = sign(
+            &json!({"exp": now_s() - 60}),
+            b"another secret of at least 32 bytes!",
+        );
+        assert_eq!(verify(&no_sub, SECRET), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn verify_rejects_tampered_parts() {
+        let token = sign(&json!({"sub": "alice", "exp": now_s() + 60}), SECRET);
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged_claims =
+            URL_SAFE_NO_PAD.encode(json!({"sub": "bob", "exp": now_s() + 60}).to_string());
+        let forged = format!("{}.{forged_claims}.{}", parts[0], parts[2]);
+        assert_eq!(verify(&forged, SECRET), Err(TokenError::BadSignature));
+        let truncated = format!(
+            "{}.{}.{}",
+            parts[0],
+            parts[1],
+            &parts[2][..parts[2].len() - 3]
+        );
+        assert_eq!(verify(&truncated, SECRET), Err(TokenError::BadSignature));
+        let extra = format!("{token}.e30");
+        assert_eq!(verify(&extra, SECRET), Err(TokenError::Malformed));
+        let bad_base64 = format!("{}.{}.{}!", parts[0], parts[1], parts[2]);
+        assert_eq!(verify(&bad_base64, SECRET), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn verify_rejects_non_object_payload() {
+        for payload in [json!(["alice"]), json!("alice"), json!(null)] {
+            let token = sign(&payload, SECRET);
+            assert_eq!(
+                verify(&token, SECRET),
+                Err(TokenError::Malformed),
+                "{payload}"
+            );
+        }
     }
 
     #[test]

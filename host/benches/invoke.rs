@@ -16,6 +16,11 @@ use nexus_host::runtime::bindings::{ConnectionInfo, Event, EventSource};
 use nexus_host::runtime::state::Backends;
 use nexus_host::runtime::Runtime;
 
+/// The allocator of the nexus-host binary, so the benchmark measures the
+/// same malloc and free as a running host.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Calls measured after the warm-up.
 const SAMPLES: usize = 20_000;
 const WARM_UP: usize = 2_000;

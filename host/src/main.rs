@@ -150,8 +150,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let address: SocketAddr = format!("{}:{}", config.bind_address, config.port)
         .parse()
         .context("invalid BIND_ADDRESS or PORT")?;
-    let (socketio_layer, socketio) =
-        net::socketio::layer(config.max_frame_bytes, config.ping_interval(), config.send_queue_frames);
+    let (socketio_layer, socketio) = net::socketio::layer(
+        config.max_frame_bytes,
+        config.ping_interval(),
+        config.send_queue_frames,
+    );
     let app = Arc::new(App::new(
         config,
         manifest,

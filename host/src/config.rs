@@ -221,6 +221,9 @@ impl Config {
         if self.max_events_per_second == 0 {
             bail!("MAX_EVENTS_PER_SECOND must be at least 1");
         }
+        if self.ping_interval_ms == 0 {
+            bail!("PING_INTERVAL_MS must be at least 1 ms");
+        }
         Ok(())
     }
 
@@ -280,5 +283,41 @@ impl Config {
 
     pub fn presence_ttl(&self) -> Duration {
         Duration::from_secs(self.presence_ttl_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(arguments: &[&str]) -> Config {
+        let secret = [
+            "test",
+            "--jwt-secret",
+            "a test secret of at least 32 bytes!!",
+        ];
+        let all = secret.iter().chain(arguments);
+        TestCli::parse_from(all).config
+    }
+
+    #[test]
+    fn validate_accepts_defaults() {
+        let result = parse(&[]).validate();
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[test]
+    fn validate_rejects_zero_ping_interval() {
+        let error = parse(&["--ping-interval-ms", "0"]).validate().err();
+        let message = error.map(|error| error.to_string()).unwrap_or_default();
+        assert_eq!(message, "PING_INTERVAL_MS must be at least 1 ms");
     }
 }

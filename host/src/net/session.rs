@@ -4,6 +4,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -198,15 +199,19 @@ fn checked_data<'a>(component_event: &str, data: &'a str) -> Option<&'a str> {
 }
 
 impl Session {
-    /// Runs a session until it ends, then cleans up its presence.
-    /// Runs a session on a native WebSocket.
-    pub async fn run_websocket(
+    /// Runs a session on a native WebSocket until it ends, then cleans up
+    /// its presence.
+    ///
+    /// This is a plain function that returns the session's future, because
+    /// an `async fn` would keep its arguments, the WebSocket among them, in
+    /// the future for the whole connection, after they were moved out.
+    pub fn run_websocket(
         app: Arc<App>,
         socket: WebSocket,
         remote: SocketAddr,
         handshake_token: Option<String>,
         slot: AddressSlot,
-    ) {
+    ) -> impl Future<Output = ()> + Send {
         let (sink, stream) = socket.split();
         let inbound = stream
             .map(|item| match item {
@@ -225,20 +230,23 @@ impl Session {
             handshake_token,
             slot,
         )
-        .await;
     }
 
     /// Runs a session on any transport: `inbound` yields what the client
     /// sent, and `spawn_writer` starts the task that sends queued frames.
-    pub async fn run(
+    ///
+    /// The set-up runs when this is called. The returned future keeps only
+    /// what the open connection needs, because every idle connection holds
+    /// one.
+    pub fn run(
         app: Arc<App>,
         transport: Transport,
-        inbound: BoxStream<'static, Inbound>,
+        mut inbound: BoxStream<'static, Inbound>,
         spawn_writer: impl FnOnce(FrameReceiver, AbortSignal) -> tokio::task::JoinHandle<()>,
         remote: SocketAddr,
         handshake_token: Option<String>,
         slot: AddressSlot,
-    ) {
+    ) -> impl Future<Output = ()> + Send {
         let (outgoing, outgoing_rx) = queue::channel(app.config.send_queue_frames);
         let (abort_writer, abort_rx) = watch::channel(None);
         let writer = spawn_writer(outgoing_rx, abort_rx);
@@ -266,50 +274,52 @@ impl Session {
             app,
         };
         debug!(connection_id = %session.id, remote = %remote, "connection opened");
-
-        if let Some(token) = handshake_token {
-            let data = json!({ "token": token }).to_string();
-            session
-                .dispatch("authenticate", data, EventSource::Host)
-                .await;
-        }
-        let mut inbound = inbound;
-        let end = match session.closing {
-            Some(code) => End::Closed(code),
-            None => session.read_loop(&mut inbound).await,
-        };
-        if matches!(end, End::Closed(_)) && session.transport == Transport::WebSocket {
-            // Wait for the client's close frame, so the close handshake
-            // finishes before the socket goes: a socket closed with the
-            // client's reply unread is reset, and a reset can discard the
-            // close frame before the client reads it.
-            let handshake = async {
-                while let Some(item) = inbound.next().await {
-                    if let Inbound::Message(Message::Close(_)) = item {
-                        break;
-                    }
-                }
+        async move {
+            if let Some(token) = handshake_token {
+                let data = json!({ "token": token }).to_string();
+                session
+                    .dispatch("authenticate", data, EventSource::Host)
+                    .await;
+            }
+            let end = match session.closing {
+                Some(code) => End::Closed(code),
+                None => session.read_loop(&mut inbound).await,
             };
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
-        }
-        drop(inbound);
-        session.finish(end).await;
-        session.app.metrics.connections.dec();
-        drop(session);
-        let abort = writer.abort_handle();
-        if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer)
-            .await
-            .is_err()
-        {
-            abort.abort();
+            if matches!(end, End::Closed(_)) && session.transport == Transport::WebSocket {
+                // Wait for the client's close frame, so the close handshake
+                // finishes before the socket goes: a socket closed with the
+                // client's reply unread is reset, and a reset can discard the
+                // close frame before the client reads it.
+                let handshake = async {
+                    while let Some(item) = inbound.next().await {
+                        if let Inbound::Message(Message::Close(_)) = item {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, handshake).await;
+            }
+            drop(inbound);
+            session.finish(end).await;
+            session.app.metrics.connections.dec();
+            drop(session);
+            let abort = writer.abort_handle();
+            if tokio::time::timeout(WRITER_FLUSH_TIMEOUT, writer)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 
     async fn read_loop(&mut self, inbound: &mut BoxStream<'static, Inbound>) -> End {
         let control = self.control.clone();
         let opened = Instant::now();
-        let mut ping = tokio::time::interval(self.app.config.ping_interval());
-        ping.tick().await;
+        // Pings share the one deadline sleep below, because a separate
+        // tokio interval would add a timer to every idle connection.
+        let ping_interval = self.app.config.ping_interval();
+        let mut next_ping = opened + ping_interval;
         let mut shutdown = self.app.shutdown.clone();
 
         loop {
@@ -332,7 +342,7 @@ impl Session {
             let next_due = [timer_due, auth_due, expiry_due, idle_due]
                 .into_iter()
                 .flatten()
-                .min();
+                .fold(next_ping, Instant::min);
 
             tokio::select! {
                 item = inbound.next() => {
@@ -356,7 +366,7 @@ impl Session {
                     }
                     Control::SendQueueFull => self.drop_slow_consumer(),
                 },
-                _ = sleep_until_opt(next_due) => {
+                _ = sleep_until(TokioInstant::from_std(next_due)) => {
                     let now = Instant::now();
                     let passed = |due: Option<Instant>| due.is_some_and(|due| due <= now);
                     if passed(auth_due) {
@@ -368,9 +378,10 @@ impl Session {
                     } else if passed(timer_due) {
                         self.fire_due_timers().await;
                     }
-                }
-                _ = ping.tick() => {
-                    let _ = self.outgoing.try_send(Outgoing::Ping);
+                    if next_ping <= now {
+                        let _ = self.outgoing.try_send(Outgoing::Ping);
+                        next_ping = now + ping_interval;
+                    }
                 }
                 _ = shutdown.changed() => {
                     self.restarting = true;
@@ -980,11 +991,4 @@ pub(super) async fn aborted(abort: &mut AbortSignal) {
 fn instant_at_ms(at_ms: u64) -> Instant {
     let now = now_ms();
     Instant::now() + Duration::from_millis(at_ms.saturating_sub(now))
-}
-
-async fn sleep_until_opt(due: Option<Instant>) {
-    match due {
-        Some(due) => sleep_until(TokioInstant::from_std(due)).await,
-        None => std::future::pending().await,
-    }
 }

@@ -199,8 +199,8 @@ fn checked_data<'a>(component_event: &str, data: &'a str) -> Option<&'a str> {
 }
 
 impl Session {
-    /// Runs a session on a native WebSocket until it ends, then cleans up
-    /// its presence.
+    /// Returns the future that runs a session on a native WebSocket until it
+    /// ends and then cleans up its presence.
     ///
     /// This is a plain function that returns the session's future, because
     /// an `async fn` would keep its arguments, the WebSocket among them, in
@@ -232,12 +232,13 @@ impl Session {
         )
     }
 
-    /// Runs a session on any transport: `inbound` yields what the client
-    /// sent, and `spawn_writer` starts the task that sends queued frames.
+    /// Returns the future that runs a session on any transport: `inbound`
+    /// yields what the client sent, and `spawn_writer` starts the task that
+    /// sends queued frames.
     ///
     /// The set-up runs when this is called. The returned future keeps only
-    /// what the open connection needs, because every idle connection holds
-    /// one.
+    /// what the open connection needs, because every open connection keeps
+    /// one in memory.
     pub fn run(
         app: Arc<App>,
         transport: Transport,

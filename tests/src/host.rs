@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{file_tail, free_port, workspace_root};
@@ -132,6 +132,19 @@ pub fn host_command(env: &BTreeMap<String, String>) -> Command {
     command.current_dir(workspace_root());
     command.stdin(Stdio::null());
     command
+}
+
+/// Runs `command` to its end and returns its output. Panics, naming the
+/// command as `label`, when it cannot start or runs longer than `limit`.
+pub async fn run_to_end(command: Command, limit: Duration, label: &str) -> Output {
+    let running = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(limit, running).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(error)) => panic!("failed to run {label}: {error}"),
+        Err(_) => panic!("{label} did not finish within {} s", limit.as_secs()),
+    }
 }
 
 /// A running `nexus-host serve`, killed on drop. Its stdout and stderr go to

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 
 use nexus_tests::client::{exchange, handshake_status};
-use nexus_tests::host::host_command;
+use nexus_tests::host::{host_command, run_to_end};
 use nexus_tests::wire::{int_field, rfc3339, str_field};
 use nexus_tests::{tokens, Client, Settings, System, EVENT_TIMEOUT, QUIET_PERIOD};
 use serde_json::{json, Value};
@@ -316,15 +316,7 @@ async fn token_command_mints_valid_token() {
     let system = System::start(1).await;
     let mut command = host_command(&system.host_env());
     command.args(["token", "carol", "--ttl-s", "600"]);
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::from(command)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("nexus-host token did not finish within 30 s")
-    .expect("failed to run nexus-host token");
+    let output = run_to_end(command, Duration::from_secs(30), "nexus-host token").await;
     assert!(
         output.status.success(),
         "nexus-host token failed with {}: {}",

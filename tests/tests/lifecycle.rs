@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use nexus_tests::client::exchange;
-use nexus_tests::host::host_command;
+use nexus_tests::host::{host_command, run_to_end};
 use nexus_tests::raw::RawClient;
 use nexus_tests::{tokens, Settings, System, EVENT_TIMEOUT};
 use serde_json::json;
@@ -15,15 +15,7 @@ async fn migrate_command_is_idempotent() {
     for attempt in 1..=2 {
         let mut command = host_command(&system.host_env());
         command.arg("migrate");
-        let output = tokio::time::timeout(
-            Duration::from_secs(60),
-            tokio::process::Command::from(command)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("nexus-host migrate did not finish within 60 s")
-        .expect("failed to run nexus-host migrate");
+        let output = run_to_end(command, Duration::from_secs(60), "nexus-host migrate").await;
         assert!(
             output.status.success(),
             "nexus-host migrate (run {attempt}) failed with {}: {}{}",
@@ -37,6 +29,43 @@ async fn migrate_command_is_idempotent() {
         );
     }
     assert_eq!(system.message_count().await, 0);
+}
+
+#[tokio::test]
+async fn invalid_settings_stop_start_up() {
+    let system = System::start(0).await;
+    let cases = [
+        (
+            "PING_INTERVAL_MS",
+            "0",
+            "PING_INTERVAL_MS must be at least 1 ms",
+        ),
+        (
+            "MAX_EVENTS_PER_SECOND",
+            "0",
+            "MAX_EVENTS_PER_SECOND must be at least 1",
+        ),
+        (
+            "PRESENCE_TTL_S",
+            "2",
+            "PRESENCE_TTL_S must be at least 3 seconds",
+        ),
+    ];
+    for (name, value, expected) in cases {
+        let mut env = system.host_env();
+        env.insert(name.to_owned(), value.to_owned());
+        env.insert("PORT".to_owned(), "0".to_owned());
+        let mut command = host_command(&env);
+        command.arg("serve");
+        let label = format!("nexus-host serve with {name}={value}");
+        let output = run_to_end(command, Duration::from_secs(30), &label).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{label} exited successfully");
+        assert!(
+            stderr.contains(expected),
+            "{label} did not print {expected:?}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -150,8 +150,8 @@ pub struct Config {
 
     /// Whether the host sits behind a proxy that appends the client address
     /// to `X-Forwarded-For`; the last entry then counts as the client's
-    /// address. Leave off when clients connect directly, because they can
-    /// set the header themselves.
+    /// address, and an invalid one as the proxy's. Leave off when clients
+    /// connect directly, because they can set the header themselves.
     #[arg(
         global = true,
         long,

@@ -372,6 +372,24 @@ async fn foreign_origin_rejected_403() {
     assert_service_carries_on(&system, None, &mut bob, "a foreign origin", "carol").await;
 }
 
+/// Asserts that a connection over the per-address cap is rejected, either
+/// by the handshake or by a prompt close, since the protocol allows both.
+async fn assert_turned_away(url: &str, headers: &[(&str, &str)], label: &str) {
+    match Client::connect_with_headers(url, headers, label).await {
+        Err(error) => assert!(
+            handshake_status(&error).is_some_and(|status| status >= 400),
+            "{label}: the connection over the cap failed other than with an HTTP error: {error}"
+        ),
+        Ok(mut extra) => {
+            let close = extra.recv_close(EVENT_TIMEOUT).await;
+            assert!(
+                close.code.is_some(),
+                "{label}: the connection over the cap ended without a close code: {close}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn connections_per_address_capped() {
     let system = System::start_with(1, settings().env("MAX_CONNECTIONS_PER_IP", 3)).await;
@@ -381,21 +399,7 @@ async fn connections_per_address_capped() {
         open.push(system.connect(0, &format!("user-{index}")).await);
     }
 
-    // The protocol caps connections per address without fixing how the one
-    // over the cap is turned away: a refused handshake or a prompt close.
-    match Client::connect_with_headers(&url, &[], "over-the-cap").await {
-        Err(error) => assert!(
-            handshake_status(&error).is_some_and(|status| status >= 400),
-            "the connection over the cap failed other than with an HTTP error: {error}"
-        ),
-        Ok(mut extra) => {
-            let close = extra.recv_close(EVENT_TIMEOUT).await;
-            assert!(
-                close.code.is_some(),
-                "the connection over the cap ended without a close code: {close}"
-            );
-        }
-    }
+    assert_turned_away(&url, &[], "over-the-cap").await;
     for client in &mut open {
         client.health_check().await;
     }
@@ -418,5 +422,53 @@ async fn connections_per_address_capped() {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Connects `user` through a proxy that sent `chain` as `X-Forwarded-For`
+/// and authenticates it.
+async fn connect_forwarded(system: &System, chain: &str, user: &str) -> Client {
+    let url = system.host(0).ws_url();
+    let mut client = Client::connect_with_headers(&url, &[("X-Forwarded-For", chain)], user)
+        .await
+        .unwrap_or_else(|error| panic!("{user}: handshake under the cap failed: {error}"));
+    client.authenticate(user, &system.token(user)).await;
+    client
+}
+
+/// Behind a proxy, the cap counts the last `X-Forwarded-For` entry, which
+/// the proxy wrote. An invalid last entry counts as the proxy's address, so
+/// the addresses that a client writes before it cannot pass the cap.
+#[tokio::test]
+async fn forwarded_address_capped() {
+    let system = System::start_with(
+        1,
+        settings()
+            .env("MAX_CONNECTIONS_PER_IP", 2)
+            .env("TRUST_FORWARDED_FOR", "true"),
+    )
+    .await;
+    let url = system.host(0).ws_url();
+    let mut open = vec![
+        connect_forwarded(&system, "198.51.100.1, 192.0.2.7", "user-0").await,
+        connect_forwarded(&system, "198.51.100.2, 192.0.2.7", "user-1").await,
+    ];
+
+    // The same client address, written with a port by the proxy.
+    let chain = "203.0.113.9, 192.0.2.7:4711";
+    assert_turned_away(&url, &[("X-Forwarded-For", chain)], "with a port").await;
+
+    // Another client address behind the same proxy has its own cap.
+    open.push(connect_forwarded(&system, "192.0.2.8", "other").await);
+
+    // Invalid last entries count as the proxy's address, whatever the client
+    // wrote before them.
+    open.push(connect_forwarded(&system, "203.0.113.1, unknown", "unknown-1").await);
+    open.push(connect_forwarded(&system, "203.0.113.2, unknown", "unknown-2").await);
+    let chain = "203.0.113.99, unknown";
+    assert_turned_away(&url, &[("X-Forwarded-For", chain)], "invalid last entry").await;
+
+    for client in &mut open {
+        client.health_check().await;
     }
 }

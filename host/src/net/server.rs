@@ -158,14 +158,23 @@ pub(super) fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr)
     if !app.config.trust_forwarded_for {
         return remote.ip();
     }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
-        .last()
-        .unwrap_or(remote.ip())
+    forwarded_address(headers).unwrap_or(remote.ip())
+}
+
+/// Returns the address in the last entry of the last `X-Forwarded-For`
+/// header, written with or without a port (`192.0.2.7:4711`,
+/// `[2001:db8::7]:4711`).
+///
+/// Only that entry comes from the proxy, because the client writes the
+/// entries before it. So a missing or invalid last entry gives `None`, and
+/// the caller counts the proxy's address instead of an earlier entry.
+fn forwarded_address(headers: &HeaderMap) -> Option<IpAddr> {
+    let header = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = header.to_str().ok()?.rsplit(',').next()?.trim();
+    entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|address| address.ip()))
+        .ok()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -276,5 +285,51 @@ async fn component_route(State(app): State<Arc<App>>, request: Request) -> Respo
                 "the route's component failed",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(values: &[&str]) -> Option<IpAddr> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(
+                "x-forwarded-for",
+                value.parse().expect("a valid header value"),
+            );
+        }
+        forwarded_address(&headers)
+    }
+
+    fn ip(text: &str) -> Option<IpAddr> {
+        Some(text.parse().expect("a valid address"))
+    }
+
+    #[test]
+    fn forwarded_last_entry() {
+        assert_eq!(forwarded(&["192.0.2.7"]), ip("192.0.2.7"));
+        assert_eq!(forwarded(&["198.51.100.1, 192.0.2.7"]), ip("192.0.2.7"));
+        assert_eq!(forwarded(&["198.51.100.1,192.0.2.7 "]), ip("192.0.2.7"));
+        assert_eq!(forwarded(&["198.51.100.1", "192.0.2.7"]), ip("192.0.2.7"));
+        assert_eq!(forwarded(&["2001:db8::7"]), ip("2001:db8::7"));
+    }
+
+    #[test]
+    fn forwarded_entry_with_port() {
+        assert_eq!(
+            forwarded(&["198.51.100.1, 192.0.2.7:4711"]),
+            ip("192.0.2.7")
+        );
+        assert_eq!(forwarded(&["[2001:db8::7]:4711"]), ip("2001:db8::7"));
+    }
+
+    #[test]
+    fn forwarded_invalid_last_entry() {
+        assert_eq!(forwarded(&["198.51.100.1, unknown"]), None);
+        assert_eq!(forwarded(&["198.51.100.1, "]), None);
+        assert_eq!(forwarded(&["198.51.100.1", "garbage"]), None);
+        assert_eq!(forwarded(&[]), None);
     }
 }

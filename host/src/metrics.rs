@@ -49,6 +49,12 @@ fn invocation_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_02, 2.0, 18))
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("nexus");

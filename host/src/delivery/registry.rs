@@ -231,6 +231,10 @@ impl Registry {
             .sessions
             .len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

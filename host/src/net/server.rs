@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -271,7 +271,7 @@ async fn component_route(State(app): State<Arc<App>>, request: Request) -> Respo
             )
         }
     };
-    let request = http::Request::from_parts(parts, Bytes::from(body));
+    let request = http::Request::from_parts(parts, body);
     match app.runtime.serve_http(&component, request).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();

@@ -158,7 +158,13 @@ pub(super) fn client_address(app: &App, headers: &HeaderMap, remote: SocketAddr)
     if !app.config.trust_forwarded_for {
         return remote.ip();
     }
-    forwarded_address(headers).unwrap_or(remote.ip())
+    if let Some(address) = forwarded_address(headers) {
+        return address;
+    }
+    if headers.contains_key("x-forwarded-for") {
+        warn!(%remote, "last X-Forwarded-For entry is not an address, so the proxy's address counts; check the proxy's header settings");
+    }
+    remote.ip()
 }
 
 /// Returns the address in the last entry of the last `X-Forwarded-For`

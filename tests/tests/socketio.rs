@@ -835,3 +835,38 @@ async fn socketio_client_keeps_reconnecting_after_host_shutdown() {
     );
     assert_eq!(status["connected"], false, "{status}");
 }
+
+/// MAX_FRAME_BYTES bounds a Socket.IO event on the WebSocket transport as
+/// it bounds a frame at `/ws`: an event over it ends the transport, and the
+/// host carries on.
+#[tokio::test]
+async fn socketio_websocket_event_over_frame_limit() {
+    let system = System::start_with(1, Settings::default().env("MAX_FRAME_BYTES", 4096)).await;
+    let mut driver = Driver::start().await;
+    let url = system.host(0).http_url();
+    let options = json!({
+        "transports": ["websocket"],
+        "reconnection": false,
+        "auth": {"token": tokens::valid("alice")},
+    });
+    driver.connect("alice", &url, options).await;
+    driver
+        .recv_data("alice", "CONNECTION_SUCCESS", EVENT_TIMEOUT)
+        .await;
+
+    let content = "x".repeat(64 * 1024);
+    driver
+        .emit(
+            "alice",
+            "NEW_MESSAGE",
+            json!({"receiverId": "bob", "content": content}),
+        )
+        .await;
+    let disconnect = driver
+        .recv("alice", "$disconnect", EVENT_TIMEOUT, |_| true)
+        .await;
+    assert_eq!(disconnect["reason"], "transport close", "{disconnect}");
+
+    let mut bob = system.connect(0, "bob").await;
+    bob.health_check().await;
+}

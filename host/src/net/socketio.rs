@@ -39,8 +39,12 @@ pub fn layer(
     // sent yet. An event can take two packets (its reply and the
     // acknowledgement), and long-polling drains it one request at a time,
     // so it gets room for twice the session's queue.
+    // `max_payload` bounds long-polling bodies only, so the WebSocket
+    // transport gets the same bound for its messages and frames.
     SocketIo::builder()
         .max_payload(max_payload_bytes as u64)
+        .ws_max_message_size(max_payload_bytes)
+        .ws_max_frame_size(max_payload_bytes)
         .ping_interval(ping_interval)
         .max_buffer_size(send_queue_frames * 2)
         .build_layer()

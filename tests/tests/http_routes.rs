@@ -343,3 +343,39 @@ async fn unknown_route_404() {
         .await;
     assert_json_error(&response, 404, "unknown route");
 }
+
+/// An HTTP route's instance keeps its place among MAX_CONCURRENT_INSTANCES
+/// until it ends, also while the host sends a long body after the head.
+/// Otherwise requests and events beyond the pool's slots fail instead of
+/// waiting for an instance.
+#[tokio::test]
+async fn http_instances_stay_within_limit() {
+    let system =
+        System::start_with(1, Settings::default().env("MAX_CONCURRENT_INSTANCES", 2)).await;
+    let db = system.db().connect().await;
+    db.execute(
+        "INSERT INTO messages (sender_id, receiver_id, content) \
+         SELECT 'alice', 'bob', repeat('x', 4000) FROM generate_series(1, 100)",
+        &[],
+    )
+    .await
+    .expect("storing 100 messages");
+
+    let url = format!("{}/messages/bob?limit=100", system.host(0).http_url());
+    let token = tokens::valid("alice");
+    let requests = (0..40).map(|_| http::get(&url, Some(&token)));
+    let mut carol = system.connect(0, "carol").await;
+    let events = async {
+        for _ in 0..20 {
+            carol.health_check().await;
+        }
+    };
+    let (responses, ()) = tokio::join!(futures_util::future::join_all(requests), events);
+    for (index, response) in responses.iter().enumerate() {
+        assert_eq!(
+            response.status, 200,
+            "request {index} of 40: {}",
+            response.body
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Serves a component's `wasi:http/incoming-handler` for its HTTP routes.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -46,7 +47,7 @@ impl Runtime {
         request: http::Request<Bytes>,
     ) -> anyhow::Result<http::Response<HyperOutgoingBody>> {
         let loaded = self.component(component)?;
-        let _permit = self.permits.acquire().await?;
+        let permit = Arc::clone(&self.permits).acquire_owned().await?;
         let mut store = self.new_store(&loaded);
         let (parts, body) = request.into_parts();
         let body = Full::new(body).map_err(
@@ -64,11 +65,19 @@ impl Runtime {
         // The body may still stream after the head is sent, so the instance
         // runs in its own task until the handler returns.
         let task = tokio::spawn(async move {
-            let proxy = proxy.instantiate_async(&mut store).await?;
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, incoming, outparam)
-                .await
+            let outcome = async {
+                let proxy = proxy.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, incoming, outparam)
+                    .await
+            }
+            .await;
+            // The store gives its pool slot back on drop, so the permit goes
+            // after it.
+            drop(store);
+            drop(permit);
+            outcome
         });
 
         match receiver.await {

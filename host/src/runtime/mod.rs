@@ -78,7 +78,9 @@ pub struct Runtime {
     linker: Linker<State>,
     components: RwLock<HashMap<String, Arc<LoadedComponent>>>,
     backends: Arc<Backends>,
-    permits: Semaphore,
+    /// One per running instance. An HTTP instance moves its permit into the
+    /// task that runs it, so the permit lives as long as the instance.
+    pub(super) permits: Arc<Semaphore>,
     deadline: Duration,
     memory_cap: usize,
     /// Counts loads, so every loaded version has its own number.
@@ -121,7 +123,7 @@ impl Runtime {
             linker,
             components: RwLock::new(HashMap::new()),
             backends,
-            permits: Semaphore::new(config.max_concurrent_instances as usize),
+            permits: Arc::new(Semaphore::new(config.max_concurrent_instances as usize)),
             deadline: config.handler_deadline(),
             memory_cap,
             generations: AtomicU64::new(0),

@@ -193,6 +193,24 @@ fn cases() -> Vec<Case> {
             "clientMessageId",
         ),
         invalid_field(
+            "content with a NUL character",
+            "NEW_MESSAGE",
+            json!({"receiverId": "bob", "content": "a\u{0}b"}),
+            "content",
+        ),
+        invalid_field(
+            "receiverId with a NUL character",
+            "NEW_MESSAGE",
+            json!({"receiverId": "b\u{0}b", "content": "hi"}),
+            "receiverId",
+        ),
+        invalid_field(
+            "clientMessageId with a NUL character",
+            "NEW_MESSAGE",
+            json!({"receiverId": "bob", "content": "hi", "clientMessageId": "c\u{0}"}),
+            "clientMessageId",
+        ),
+        invalid_field(
             "TYPING_START without receiverId",
             "TYPING_START",
             json!({}),
@@ -471,4 +489,25 @@ async fn forwarded_address_capped() {
     for client in &mut open {
         client.health_check().await;
     }
+}
+
+/// A `lastMessageId` of 20 digits above the largest Postgres `bigint` is
+/// rejected when the client authenticates, where the catch-up would
+/// otherwise fail later with no reply.
+#[tokio::test]
+async fn last_message_id_beyond_bigint() {
+    let system = System::start_with(1, settings()).await;
+    let mut client = system.connect_anonymous(0, "alice").await;
+    let data = json!({
+        "userId": "alice",
+        "token": system.token("alice"),
+        "lastMessageId": "99999999999999999999",
+    });
+    client.send("authenticate", data).await;
+    let error = client.recv_event("ERROR", EVENT_TIMEOUT).await;
+    assert_eq!(str_field(&error, "code"), "VALIDATION_ERROR", "{error}");
+    assert!(
+        str_field(&error, "message").contains("lastMessageId"),
+        "{error}"
+    );
 }

@@ -379,3 +379,13 @@ async fn http_instances_stay_within_limit() {
         );
     }
 }
+
+/// A peer id that Postgres cannot store is a client error, not an outage.
+#[tokio::test]
+async fn history_peer_with_nul_is_400() {
+    let system = System::start(1).await;
+    let token = tokens::valid("alice");
+    let response = system.http_get(0, "/messages/b%00b", Some(&token)).await;
+    assert_json_error(&response, 400, "peer id with U+0000");
+    assert!(response.body.contains("peerId"), "{}", response.body);
+}

@@ -50,6 +50,17 @@ pub fn check_id(field: &str, value: &str) -> Result<()> {
             "{field} must be a string of 1 to {ID_MAX_CHARS} characters, got {chars}"
         )));
     }
+    check_no_nul(field, value)
+}
+
+/// Rejects text that contains U+0000, which a Postgres `text` column
+/// cannot store.
+pub fn check_no_nul(field: &str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(Error::validation(format!(
+            "{field} must not contain the NUL character (U+0000)"
+        )));
+    }
     Ok(())
 }
 
@@ -125,6 +136,7 @@ pub fn content(object: &Object, max_bytes: u64) -> Result<&str> {
             format!("content is {bytes} bytes of UTF-8, more than the maximum of {max_bytes}"),
         ));
     }
+    check_no_nul("content", content)?;
     Ok(content)
 }
 
@@ -134,12 +146,17 @@ pub fn is_message_id(value: &str) -> bool {
     value.len() == MESSAGE_ID_DIGITS && value.bytes().all(|byte| byte.is_ascii_digit())
 }
 
-/// Checks that `value` is a message id. `field` names the value in the
-/// error.
+/// Checks that `value` is a message id that fits Postgres' `bigint`, as
+/// every stored id does. `field` names the value in the error.
 pub fn check_message_id(field: &str, value: &str) -> Result<()> {
     if !is_message_id(value) {
         return Err(Error::validation(format!(
             "{field} must be a message id of {MESSAGE_ID_DIGITS} decimal digits"
+        )));
+    }
+    if value.parse::<i64>().is_err() {
+        return Err(Error::validation(format!(
+            "{field} is larger than any message id"
         )));
     }
     Ok(())
@@ -290,5 +307,39 @@ mod tests {
         assert!(!is_message_id("-0000000000000000042"));
         assert!(check_message_id("lastMessageId", "42")
             .is_err_and(|error| error.message.starts_with("lastMessageId")));
+    }
+
+    #[test]
+    fn message_id_within_bigint() {
+        assert!(check_message_id("lastMessageId", "09223372036854775807").is_ok());
+        assert_eq!(
+            message_of(check_message_id("lastMessageId", "09223372036854775808")),
+            "lastMessageId is larger than any message id"
+        );
+        assert_eq!(
+            message_of(check_message_id("lastMessageId", "99999999999999999999")),
+            "lastMessageId is larger than any message id"
+        );
+    }
+
+    #[test]
+    fn nul_character_rejected() {
+        let nul = "must not contain the NUL character (U+0000)";
+        assert_eq!(
+            message_of(check_id("receiverId", "bo\u{0}b")),
+            format!("receiverId {nul}")
+        );
+        let data = object(r#"{"clientMessageId": "c\u0000"}"#);
+        assert_eq!(
+            message_of(client_message_id(&data)),
+            format!("clientMessageId {nul}")
+        );
+        let data = object(r#"{"content": "hi\u0000"}"#);
+        assert_eq!(message_of(content(&data, 100)), format!("content {nul}"));
+        let data = object(r#"{"userIds": ["bob", "\u0000"]}"#);
+        assert_eq!(
+            message_of(user_id_list(&data, "userIds", 10)),
+            format!("userIds {nul}")
+        );
     }
 }

@@ -86,7 +86,7 @@ impl fmt::Display for TokenError {
             }
             TokenError::InvalidSubject => write!(
                 f,
-                "token claim sub must be a user id of 1 to {ID_MAX_CHARS} characters"
+                "token claim sub must be a user id of 1 to {ID_MAX_CHARS} characters without U+0000"
             ),
             TokenError::SubjectMismatch => f.write_str("token subject does not match userId"),
             TokenError::UserSwitch => f.write_str(
@@ -214,8 +214,7 @@ fn claims_from_map(claims: &Map<String, Value>) -> std::result::Result<Claims, T
         Some(Value::String(sub)) => sub,
         _ => return Err(TokenError::MissingSubject),
     };
-    let chars = sub.chars().count();
-    if chars == 0 || chars > ID_MAX_CHARS {
+    if crate::fields::check_id("sub", sub).is_err() {
         return Err(TokenError::InvalidSubject);
     }
     let exp = claims

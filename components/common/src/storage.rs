@@ -1,5 +1,6 @@
 //! Opening Redis and Postgres connections, and small Redis command helpers
-//! that map every failure to a retryable `UNAVAILABLE` error.
+//! that map every failure to a retryable `UNAVAILABLE` error, except a
+//! value that Postgres rejects.
 
 use spin_sdk::pg3;
 use spin_sdk::redis::{self, RedisParameter, RedisResult};
@@ -16,6 +17,22 @@ pub fn open_redis() -> Result<redis::Connection> {
 pub fn open_postgres() -> Result<pg3::Connection> {
     let url = settings::get("database_url")?;
     pg3::Connection::open(&url).map_err(|error| Error::unavailable("Postgres", "connect", &error))
+}
+
+/// Maps a failed Postgres `operation`. A data exception (SQLSTATE class
+/// 22, which nexus-host puts first in the message) means that Postgres
+/// rejected a value of the request, so a retry would fail again and the
+/// error is `VALIDATION_ERROR`. Any other failure is `UNAVAILABLE`.
+pub fn postgres_error(operation: &str, error: &pg3::PgError) -> Error {
+    if let pg3::PgError::QueryFailed(message) = error {
+        if let Some(code) = message.get(..5).filter(|code| code.starts_with("22")) {
+            eprintln!("Postgres {operation} rejected a value: {message}");
+            return Error::validation(format!(
+                "a value of the request cannot be stored (Postgres {operation} failed with SQLSTATE {code})"
+            ));
+        }
+    }
+    Error::unavailable("Postgres", operation, error)
 }
 
 /// Builds a binary Redis argument from text.
@@ -59,6 +76,34 @@ pub fn reply_strings(replies: &[RedisResult]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn postgres_data_exception_is_validation() {
+        let rejected = pg3::PgError::QueryFailed(
+            "22021: invalid byte sequence for encoding \"UTF8\": 0x00".to_owned(),
+        );
+        let error = postgres_error("INSERT", &rejected);
+        assert_eq!(error.code, ErrorCode::ValidationError);
+        assert_eq!(
+            error.message,
+            "a value of the request cannot be stored (Postgres INSERT failed with SQLSTATE 22021)"
+        );
+    }
+
+    #[test]
+    fn postgres_other_failures_are_unavailable() {
+        let failures = [
+            pg3::PgError::QueryFailed("57P01: terminating connection".to_owned()),
+            pg3::PgError::ConnectionFailed("connection refused".to_owned()),
+            pg3::PgError::QueryFailed("postgres call timed out".to_owned()),
+            pg3::PgError::QueryFailed("22".to_owned()),
+        ];
+        for failure in &failures {
+            let error = postgres_error("SELECT", failure);
+            assert_eq!(error.code, ErrorCode::Unavailable, "{failure:?}");
+        }
+    }
 
     #[test]
     fn reply_strings_skips_nil() {

@@ -174,7 +174,7 @@ fn find_duplicate(sender: &str, message_id: &str) -> Result<Option<StoredMessage
     ];
     let rows = db
         .query(messages::SELECT_BY_ID_SQL, &parameters)
-        .map_err(|error| Error::unavailable("Postgres", "SELECT", &error))?;
+        .map_err(|error| storage::postgres_error("SELECT", &error))?;
     rows.rows
         .first()
         .map(|row| StoredMessage::from_row(row))
@@ -211,7 +211,7 @@ fn store(
     ];
     let inserted = db
         .query(messages::INSERT_SQL, &parameters)
-        .map_err(|error| Error::unavailable("Postgres", "INSERT", &error))?;
+        .map_err(|error| storage::postgres_error("INSERT", &error))?;
     if let Some(row) = inserted.rows.first() {
         let (id, created_at) = messages::inserted_row(row)?;
         return Ok(StoredMessage {
@@ -233,7 +233,7 @@ fn store(
     ];
     let existing = db
         .query(messages::SELECT_BY_CLIENT_ID_SQL, &parameters)
-        .map_err(|error| Error::unavailable("Postgres", "SELECT", &error))?;
+        .map_err(|error| storage::postgres_error("SELECT", &error))?;
     let row = existing.rows.first().ok_or_else(|| {
         Error::internal("message conflicted on clientMessageId but no stored row was found")
     })?;
@@ -274,7 +274,7 @@ fn catch_up(event: &Event) -> Result<Vec<Effect>, Error> {
             db.query(messages::CATCH_UP_PENDING_SQL, &parameters)
         }
     }
-    .map_err(|error| Error::unavailable("Postgres", "SELECT", &error))?;
+    .map_err(|error| storage::postgres_error("SELECT", &error))?;
     let replayed = rows
         .rows
         .iter()
@@ -287,7 +287,7 @@ fn catch_up(event: &Event) -> Result<Vec<Effect>, Error> {
             ParameterValue::Str(newest.id.clone()),
         ];
         db.execute(messages::CLEAR_PENDING_SQL, &parameters)
-            .map_err(|error| Error::unavailable("Postgres", "UPDATE", &error))?;
+            .map_err(|error| storage::postgres_error("UPDATE", &error))?;
     }
     Ok(replayed
         .iter()
@@ -383,7 +383,7 @@ fn history_route(request: &Request) -> Result<serde_json::Value, Error> {
     let db = storage::open_postgres()?;
     let rows = db
         .query(query.sql(), &query.parameters(&claims.sub, &peer))
-        .map_err(|error| Error::unavailable("Postgres", "SELECT", &error))?;
+        .map_err(|error| storage::postgres_error("SELECT", &error))?;
     let page = rows
         .rows
         .iter()

@@ -242,3 +242,34 @@ async fn frame_rate_per_connection_limited() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     alice.health_check().await;
 }
+
+/// Binary frames, which are invalid, count against the frame budget like
+/// text frames.
+#[tokio::test]
+async fn binary_frames_count_against_frame_rate() {
+    let system = System::start_with(1, Settings::default().env("MAX_EVENTS_PER_SECOND", 5)).await;
+    let mut alice = system.connect(0, "alice").await;
+
+    let burst = 30;
+    for _ in 0..burst {
+        alice.send_binary(vec![1, 2, 3]).await;
+    }
+    let mut invalid = 0;
+    let mut limited = 0;
+    while invalid + limited < burst {
+        let event = alice
+            .next_event(EVENT_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("{invalid} invalid and {limited} limited of {burst} frames"));
+        assert_eq!(event.name, "ERROR", "{}", event.data);
+        match str_field(&event.data, "code") {
+            "INVALID_FRAME" => invalid += 1,
+            "RATE_LIMITED" => limited += 1,
+            other => panic!("unexpected error code {other}: {}", event.data),
+        }
+    }
+    assert!(
+        limited > 0,
+        "none of {burst} binary frames sent at once was rate limited"
+    );
+}

@@ -420,25 +420,27 @@ impl Session {
     async fn on_message(&mut self, message: Message) {
         self.last_activity = Instant::now();
         let text = match message {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                self.reply_error(
-                    "INVALID_FRAME",
-                    "binary frames are not supported; send JSON text",
-                    None,
-                );
-                return;
-            }
+            Message::Text(text) => Some(text),
+            Message::Binary(_) => None,
             Message::Ping(_) | Message::Pong(_) => return,
             Message::Close(_) => {
                 self.closing = Some(close::NORMAL);
                 return;
             }
         };
+        // Every data frame counts, so that invalid ones cannot pass the budget.
         if !self.budget.take() {
             self.reply_error("RATE_LIMITED", "too many frames; slow down", None);
             return;
         }
+        let Some(text) = text else {
+            self.reply_error(
+                "INVALID_FRAME",
+                "binary frames are not supported; send JSON text",
+                None,
+            );
+            return;
+        };
         let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
             Ok(frame) => frame,
             Err(error) => {
@@ -579,7 +581,14 @@ impl Session {
         error: InvokeError,
     ) {
         let (code, message) = match &error {
-            InvokeError::Rejected(rejection) => (rejection.code.clone(), rejection.message.clone()),
+            InvokeError::Rejected(rejection) => {
+                // A host event has no client to reply to, so only the log shows
+                // that its handler failed.
+                if source != EventSource::Client {
+                    warn!(event, component, connection_id = %self.id, code = %rejection.code, reason = %rejection.message, "handler rejected a host event");
+                }
+                (rejection.code.clone(), rejection.message.clone())
+            }
             InvokeError::Trapped(cause) => {
                 warn!(event, component, connection_id = %self.id, cause = %cause, "handler trapped");
                 (

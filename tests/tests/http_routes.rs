@@ -389,3 +389,41 @@ async fn history_peer_with_nul_is_400() {
     assert_json_error(&response, 400, "peer id with U+0000");
     assert!(response.body.contains("peerId"), "{}", response.body);
 }
+
+/// Sends `request` as raw bytes and returns the whole response text.
+async fn raw_http(port: u16, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connecting to the host");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("sending the request");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the host closed the connection within 5 s")
+        .expect("reading the response");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A component route needs the request's authority, so a request without
+/// a Host header is a client error, not a component failure.
+#[tokio::test]
+async fn route_without_host_is_400() {
+    let system = System::start(1).await;
+    let port = system.host(0).port();
+    for request in [
+        "GET /auth/verify HTTP/1.0\r\n\r\n",
+        "GET /auth/verify HTTP/1.0\r\nHost:\r\n\r\n",
+    ] {
+        let response = raw_http(port, request).await;
+        assert!(
+            response.starts_with("HTTP/1.0 400") || response.starts_with("HTTP/1.1 400"),
+            "{request:?}: {response}"
+        );
+        assert!(response.contains("BAD_REQUEST"), "{request:?}: {response}");
+    }
+}

@@ -262,6 +262,20 @@ async fn component_route(State(app): State<Arc<App>>, request: Request) -> Respo
     let Some(route) = manifest.route_for(&path) else {
         return json_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route");
     };
+    // wasi:http gives the component the request's authority, which HTTP/1.1
+    // takes from the Host header.
+    let has_authority = request.uri().authority().is_some()
+        || request
+            .headers()
+            .get(http::header::HOST)
+            .is_some_and(|host| !host.is_empty());
+    if !has_authority {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "the request has no Host header; send one",
+        );
+    }
     let component = route.component.clone();
     let (parts, body) = request.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_REQUEST_BODY)

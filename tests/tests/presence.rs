@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nexus_tests::client::exchange;
 use nexus_tests::matchers::presence_of;
+use nexus_tests::wire::str_field;
 use nexus_tests::{Client, Settings, System, EVENT_TIMEOUT, QUIET_PERIOD};
 use serde_json::Value;
 
@@ -253,4 +254,81 @@ async fn presence_subscription_rejects_bad_ids() {
     }
     let status = watcher.health_check().await;
     assert_eq!(status["status"], "ok", "the connection stopped working");
+}
+
+/// Subscribes to the presence of offline `users` and receives their
+/// current status.
+async fn subscribe_to_offline(watcher: &mut Client, users: &[&str]) {
+    watcher
+        .send("SUBSCRIBE_PRESENCE", serde_json::json!({"userIds": users}))
+        .await;
+    watcher
+        .recv_event("PRESENCE_SUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    for user in users {
+        recv_presence(watcher, user, "offline", EVENT_TIMEOUT).await;
+    }
+}
+
+/// One user watches at most `presence_watch_max` users, and unsubscribing
+/// frees places. A subscription past the cap changes nothing.
+#[tokio::test]
+async fn presence_subscription_capped() {
+    let settings = Settings::default().variable("presence_watch_max", 3);
+    let system = System::start_with(1, settings).await;
+    let mut watcher = system.connect(0, "watcher").await;
+    let subscribe = |ids: &[&str]| serde_json::json!({"userIds": ids});
+
+    subscribe_to_offline(&mut watcher, &["u1", "u2"]).await;
+    // Ids already watched take no new place.
+    subscribe_to_offline(&mut watcher, &["u2", "u3"]).await;
+
+    watcher.send("SUBSCRIBE_PRESENCE", subscribe(&["u4"])).await;
+    let error = watcher.recv_event("ERROR", EVENT_TIMEOUT).await;
+    assert_eq!(error["code"], "VALIDATION_ERROR", "{error}");
+    assert!(
+        str_field(&error, "message").contains("maximum of 3 watched users"),
+        "{error}"
+    );
+    // The rejected subscription did not take effect.
+    let _u4 = system.connect(0, "u4").await;
+    watcher
+        .expect_no_event("USER_PRESENCE_UPDATE", QUIET_PERIOD)
+        .await;
+
+    watcher
+        .send("UNSUBSCRIBE_PRESENCE", subscribe(&["u1"]))
+        .await;
+    watcher
+        .recv_event("PRESENCE_UNSUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    watcher.send("SUBSCRIBE_PRESENCE", subscribe(&["u4"])).await;
+    watcher
+        .recv_event("PRESENCE_SUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    recv_presence(&mut watcher, "u4", "online", EVENT_TIMEOUT).await;
+}
+
+/// `SUBSCRIBE_PRESENCE` and `UNSUBSCRIBE_PRESENCE` share a per-user rate
+/// limit, as the other events that write to Redis do.
+#[tokio::test]
+async fn presence_subscription_rate_limited() {
+    let settings = Settings::default().variable("presence_subscribe_rate_limit", 2);
+    let system = System::start_with(1, settings).await;
+    let mut watcher = system.connect(0, "watcher").await;
+    let data = serde_json::json!({"userIds": ["bob"]});
+
+    watcher.send("SUBSCRIBE_PRESENCE", data.clone()).await;
+    watcher
+        .recv_event("PRESENCE_SUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    watcher.send("UNSUBSCRIBE_PRESENCE", data.clone()).await;
+    watcher
+        .recv_event("PRESENCE_UNSUBSCRIBED", EVENT_TIMEOUT)
+        .await;
+    watcher.send("SUBSCRIBE_PRESENCE", data).await;
+    let limited = watcher
+        .recv_event("RATE_LIMIT_EXCEEDED", EVENT_TIMEOUT)
+        .await;
+    assert_eq!(limited["event"], "SUBSCRIBE_PRESENCE", "{limited}");
 }

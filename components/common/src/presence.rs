@@ -23,6 +23,12 @@ pub fn watchers_key(user_id: &str) -> String {
     format!("nexus:watchers:{user_id}")
 }
 
+/// Returns the key of the set of users whose presence `user_id` has
+/// subscribed to, the reverse of [`watchers_key`].
+pub fn watching_key(user_id: &str) -> String {
+    format!("nexus:watching:{user_id}")
+}
+
 /// Returns the key of the set of receivers that `user_id` shows a typing
 /// indicator to.
 pub fn typing_key(user_id: &str) -> String {

@@ -191,9 +191,31 @@ fn forget_typing(redis: &redis::Connection, sender: &str, receiver: &str) -> Res
 /// Most user ids one `SUBSCRIBE_PRESENCE` or `UNSUBSCRIBE_PRESENCE` may name.
 const SUBSCRIBE_MAX_IDS: usize = 100;
 
+/// Adds the watcher (ARGV[2]) to the watchers of each target (ARGV[3..],
+/// whose watcher sets are KEYS[2..] in the same order) and the targets to
+/// the watcher's own set (KEYS[1]), unless that set would then hold more
+/// than ARGV[1] users. Returns the number of new targets, or -1 and changes
+/// nothing when the cap would be passed.
+const WATCH_SCRIPT: &str = r"
+local added = 0
+for i = 3, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then added = added + 1 end
+end
+if added > 0 and redis.call('SCARD', KEYS[1]) + added > tonumber(ARGV[1]) then
+  return -1
+end
+for i = 3, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('SADD', KEYS[i - 1], ARGV[2])
+end
+return added
+";
+
 /// Handles `SUBSCRIBE_PRESENCE {userIds}`: the connection's user receives
 /// `USER_PRESENCE_UPDATE` for these users from now on, as a conversation
-/// partner does, and gets their current status at once.
+/// partner does, and gets their current status at once. A user watches at
+/// most `presence_watch_max` users, and both events share the
+/// `presence_subscribe_rate_limit`.
 fn subscribe_presence(
     conn: &Connection,
     event: &Event,
@@ -203,13 +225,26 @@ fn subscribe_presence(
     let data = fields::parse_object(&event.data)?;
     let targets = fields::user_id_list(&data, "userIds", SUBSCRIBE_MAX_IDS)?;
     let redis = storage::open_redis()?;
+    let event_name = if subscribe {
+        "SUBSCRIBE_PRESENCE"
+    } else {
+        "UNSUBSCRIBE_PRESENCE"
+    };
+    if let Some(limited) = rate_limit(
+        &redis,
+        "presence-subscribe",
+        watcher,
+        "presence_subscribe",
+        event_name,
+    )? {
+        return Ok(vec![limited]);
+    }
+    let watching_key = presence::watching_key(watcher);
     let mut effects = Vec::new();
-    for target in &targets {
-        let key = presence::watchers_key(target);
-        if subscribe {
-            redis
-                .sadd(&key, &[watcher.to_owned()])
-                .map_err(|error| Error::unavailable("Redis", "SADD", &error))?;
+    if subscribe {
+        let max = settings::get_u64("presence_watch_max", 1)?;
+        watch(&redis, &watching_key, watcher, &targets, max)?;
+        for target in &targets {
             let owner = storage::execute(
                 &redis,
                 "EXISTS",
@@ -221,9 +256,14 @@ fn subscribe_presence(
                 "USER_PRESENCE_UPDATE",
                 payload::presence_update(target, online),
             ));
-        } else {
+        }
+    } else {
+        redis
+            .srem(&watching_key, &targets)
+            .map_err(|error| Error::unavailable("Redis", "SREM", &error))?;
+        for target in &targets {
             redis
-                .srem(&key, &[watcher.to_owned()])
+                .srem(&presence::watchers_key(target), &[watcher.to_owned()])
                 .map_err(|error| Error::unavailable("Redis", "SREM", &error))?;
         }
     }
@@ -237,6 +277,43 @@ fn subscribe_presence(
         reply(name, serde_json::json!({ "userIds": targets }).to_string()),
     );
     Ok(effects)
+}
+
+/// Runs [`WATCH_SCRIPT`]. A subscription past `max` watched users is a
+/// `VALIDATION_ERROR` that changes nothing.
+fn watch(
+    redis: &redis::Connection,
+    watching_key: &str,
+    watcher: &str,
+    targets: &[String],
+    max: u64,
+) -> Result<(), Error> {
+    let mut arguments = vec![
+        storage::text(WATCH_SCRIPT),
+        storage::integer(targets.len() as u64 + 1),
+        storage::text(watching_key),
+    ];
+    arguments.extend(
+        targets
+            .iter()
+            .map(|target| storage::text(&presence::watchers_key(target))),
+    );
+    arguments.push(storage::integer(max));
+    arguments.push(storage::text(watcher));
+    arguments.extend(targets.iter().map(|target| storage::text(target)));
+    let reply = storage::execute(redis, "EVAL", &arguments)?;
+    match reply.as_slice() {
+        [redis::RedisResult::Int64(added)] if *added >= 0 => Ok(()),
+        [redis::RedisResult::Int64(_)] => Err(Error::validation(format!(
+            "userIds would pass the maximum of {max} watched users; unsubscribe from some first"
+        ))),
+        other => {
+            eprintln!("presence watch script returned an unexpected reply: {other:?}");
+            Err(Error::internal(
+                "presence watch script returned an unexpected reply",
+            ))
+        }
+    }
 }
 
 /// Handles `GET_ONLINE_USERS`: replies `ONLINE_USERS` with the users seen

@@ -50,6 +50,15 @@ pub fn expired(user: &str) -> String {
     expiring_at(user, now_s() - 3600)
 }
 
+/// Returns a token for `user` that becomes valid (`nbf`) in an hour.
+pub fn not_yet_valid(user: &str) -> String {
+    sign(
+        &json!({"sub": user, "exp": now_s() + VALID_TTL_S, "nbf": now_s() + 3600}),
+        Algorithm::HS256,
+        JWT_SECRET,
+    )
+}
+
 /// Returns an HS256 token signed with a secret the hosts do not know.
 pub fn forged(user: &str) -> String {
     sign(

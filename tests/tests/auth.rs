@@ -142,6 +142,7 @@ async fn invalid_tokens_rejected_with_1008() {
     let cases: Vec<(&str, Value)> = vec![
         ("forged signature", json!(tokens::forged("alice"))),
         ("expired", json!(tokens::expired("alice"))),
+        ("not valid yet", json!(tokens::not_yet_valid("alice"))),
         ("alg none", json!(tokens::alg_none("alice"))),
         ("HS512", json!(tokens::hs512("alice"))),
         ("no exp claim", json!(tokens::without_exp("alice"))),

@@ -49,6 +49,10 @@ pub enum TokenError {
     WrongAlgorithm(Option<String>),
     BadSignature,
     Expired,
+    /// `nbf` is later than now.
+    NotYetValid,
+    /// `nbf` is present but is not a number of seconds.
+    InvalidNotBefore,
     /// `sub` is missing or is not a string.
     MissingSubject,
     /// `exp` is missing or is not a whole number of seconds.
@@ -75,6 +79,10 @@ impl fmt::Display for TokenError {
             TokenError::WrongAlgorithm(None) => f.write_str("token algorithm must be HS256"),
             TokenError::BadSignature => f.write_str("token signature is invalid"),
             TokenError::Expired => f.write_str("token has expired"),
+            TokenError::NotYetValid => f.write_str("token is not valid yet (claim nbf)"),
+            TokenError::InvalidNotBefore => {
+                f.write_str("token claim nbf is not a number of seconds")
+            }
             TokenError::MissingSubject => {
                 f.write_str("token claim sub is missing or is not a string")
             }
@@ -129,7 +137,8 @@ pub fn verify(token: &str, secret: &[u8]) -> std::result::Result<Claims, TokenEr
 }
 
 /// Verifies `token` as [`verify`] does, at `now_s` seconds since the Unix
-/// epoch. A token whose `exp` equals `now_s` is still valid.
+/// epoch. A token whose `exp` equals `now_s` is still valid, and so is one
+/// whose optional `nbf` equals it.
 ///
 /// The checks run in a fixed order: the token's shape, the header's `alg`,
 /// the signature, then the claims. So the error for a token with a bad
@@ -167,9 +176,17 @@ pub fn verify_at(
         .map_err(|_| TokenError::Malformed)?;
     let claims: Map<String, Value> =
         serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+    let not_before = match claims.get("nbf") {
+        None => None,
+        Some(value) => Some(value.as_f64().ok_or(TokenError::InvalidNotBefore)?),
+    };
     let claims = claims_from_map(&claims)?;
     if claims.exp < now_s {
         return Err(TokenError::Expired);
+    }
+    // Seconds since 1970 stay far below 2^53, so f64 compares them exactly.
+    if not_before.is_some_and(|nbf| nbf > now_s as f64) {
+        return Err(TokenError::NotYetValid);
     }
     Ok(claims)
 }
@@ -378,6 +395,38 @@ mod tests {
         let token = sign(&json!({"sub": "alice", "exp": exp}), SECRET);
         assert!(verify_at(&token, SECRET, exp).is_ok());
         assert_eq!(verify_at(&token, SECRET, exp + 1), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn verify_at_not_before_boundary() {
+        let nbf = 2_000_000_000;
+        let token = sign(
+            &json!({"sub": "alice", "exp": nbf + 60, "nbf": nbf}),
+            SECRET,
+        );
+        assert_eq!(
+            verify_at(&token, SECRET, nbf - 1),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(verify_at(&token, SECRET, nbf).is_ok());
+        let fraction = sign(
+            &json!({"sub": "alice", "exp": nbf + 60, "nbf": nbf as f64 + 0.5}),
+            SECRET,
+        );
+        assert_eq!(
+            verify_at(&fraction, SECRET, nbf),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(verify_at(&fraction, SECRET, nbf + 1).is_ok());
+    }
+
+    #[test]
+    fn verify_rejects_non_numeric_not_before() {
+        let token = sign(
+            &json!({"sub": "alice", "exp": now_s() + 60, "nbf": "soon"}),
+            SECRET,
+        );
+        assert_eq!(verify(&token, SECRET), Err(TokenError::InvalidNotBefore));
     }
 
     #[test]

@@ -90,6 +90,13 @@ impl App {
     }
 }
 
+/// The address slot that a new Socket.IO session took at its handshake,
+/// carried in the handshake request's extensions. The session's socket
+/// takes it when it joins a namespace, and a session that never joins
+/// frees it when the session ends.
+#[derive(Clone)]
+pub struct HandshakeSlot(pub Arc<Mutex<Option<AddressSlot>>>);
+
 /// One counted connection of an address; dropping it frees the slot.
 pub struct AddressSlot {
     app: Arc<App>,

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use nexus_tests::http;
 use nexus_tests::wire::{created_at, message_id, str_field};
 use nexus_tests::{
-    tokens, workspace_root, Settings, System, EVENT_TIMEOUT, FRONTEND_ORIGIN, QUIET_PERIOD,
+    tokens, workspace_root, Client, Settings, System, EVENT_TIMEOUT, FRONTEND_ORIGIN, QUIET_PERIOD,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -836,23 +837,32 @@ async fn socketio_client_keeps_reconnecting_after_host_shutdown() {
     assert_eq!(status["connected"], false, "{status}");
 }
 
-/// MAX_FRAME_BYTES bounds a Socket.IO event on the WebSocket transport as
-/// it bounds a frame at `/ws`: an event over it ends the transport, and the
-/// host carries on.
-#[tokio::test]
-async fn socketio_websocket_event_over_frame_limit() {
-    let system = System::start_with(1, Settings::default().env("MAX_FRAME_BYTES", 4096)).await;
+/// Starts one host with `settings` and connects Socket.IO socket `alice`
+/// over the WebSocket transport, authenticated and without reconnection.
+async fn start_with_alice(settings: Settings) -> (System, Driver) {
+    let system = System::start_with(1, settings).await;
     let mut driver = Driver::start().await;
-    let url = system.host(0).http_url();
     let options = json!({
         "transports": ["websocket"],
         "reconnection": false,
         "auth": {"token": tokens::valid("alice")},
     });
-    driver.connect("alice", &url, options).await;
+    driver
+        .connect("alice", &system.host(0).http_url(), options)
+        .await;
     driver
         .recv_data("alice", "CONNECTION_SUCCESS", EVENT_TIMEOUT)
         .await;
+    (system, driver)
+}
+
+/// MAX_FRAME_BYTES bounds a Socket.IO event on the WebSocket transport as
+/// it bounds a frame at `/ws`: an event over it ends the transport, and the
+/// host carries on.
+#[tokio::test]
+async fn socketio_websocket_event_over_frame_limit() {
+    let (system, mut driver) =
+        start_with_alice(Settings::default().env("MAX_FRAME_BYTES", 4096)).await;
 
     let content = "x".repeat(64 * 1024);
     driver
@@ -869,4 +879,29 @@ async fn socketio_websocket_event_over_frame_limit() {
 
     let mut bob = system.connect(0, "bob").await;
     bob.health_check().await;
+}
+
+/// A Socket.IO session takes a place of its address under
+/// MAX_CONNECTIONS_PER_IP when it opens, also when it never joins a
+/// namespace, and keeps that one place when it joins.
+#[tokio::test]
+async fn socketio_sessions_count_against_address_cap() {
+    // alice's joined session holds the address's first place.
+    let (system, _alice) =
+        start_with_alice(Settings::default().env("MAX_CONNECTIONS_PER_IP", 2)).await;
+    let url = system.host(0).http_url();
+
+    // A session that opens and never joins a namespace.
+    let handshake = format!("{url}/socket.io/?EIO=4&transport=polling");
+    let opened = http::get(&handshake, None).await;
+    assert_eq!(opened.status, 200, "{}", opened.body);
+
+    // The address is at its cap, for new sessions and native connections.
+    let over = http::get(&handshake, None).await;
+    assert_eq!(over.status, 429, "{}", over.body);
+    let native = Client::connect_with_headers(&system.host(0).ws_url(), &[], "native").await;
+    assert!(
+        native.is_err(),
+        "a native connection over the cap was accepted"
+    );
 }

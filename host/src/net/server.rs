@@ -2,7 +2,7 @@
 //! components' HTTP routes, all on one port.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{debug, warn};
 
 use super::session::Session;
-use crate::app::App;
+use crate::app::{App, HandshakeSlot};
 use crate::metrics::Metrics;
 use crate::runtime::http::MAX_REQUEST_BODY;
 
@@ -55,32 +55,60 @@ pub fn router(app: Arc<App>, socketio: SocketIoLayer) -> Router {
         .layer(socketio)
         .layer(middleware::from_fn_with_state(
             app.clone(),
-            check_socketio_origin,
+            check_socketio_request,
         ))
         .layer(cors)
         .with_state(app)
 }
 
 /// Rejects Socket.IO requests from a browser origin outside
-/// `FRONTEND_URLS`; requests without `Origin` (native clients) pass.
-async fn check_socketio_origin(
+/// `FRONTEND_URLS`; requests without `Origin` (native clients) pass. A
+/// request that opens a new session (it names no `sid`) takes a place of
+/// its address under `MAX_CONNECTIONS_PER_IP`, which the session keeps.
+async fn check_socketio_request(
     State(app): State<Arc<App>>,
-    request: Request,
+    mut request: Request,
     next: middleware::Next,
 ) -> Response {
-    if request.uri().path().starts_with("/socket.io") {
-        if let Some(origin) = request.headers().get(header::ORIGIN) {
-            let origin = origin.to_str().unwrap_or_default();
-            if !app.is_origin_allowed(origin) {
-                debug!(origin, "socket.io origin rejected");
-                count_rejected(&app, "forbidden_origin");
-                return json_error(
-                    StatusCode::FORBIDDEN,
-                    "FORBIDDEN_ORIGIN",
-                    "origin is not in FRONTEND_URLS",
-                );
-            }
+    if !request.uri().path().starts_with("/socket.io") {
+        return next.run(request).await;
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        if !app.is_origin_allowed(origin) {
+            debug!(origin, "socket.io origin rejected");
+            count_rejected(&app, "forbidden_origin");
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN_ORIGIN",
+                "origin is not in FRONTEND_URLS",
+            );
         }
+    }
+    let opens_session = !request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .any(|pair| pair.starts_with("sid="));
+    if opens_session {
+        let remote = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
+        let client_ip = client_address(&app, request.headers(), remote);
+        let Some(slot) = app.admit(client_ip) else {
+            debug!(%remote, "socket.io session over the per-address cap");
+            count_rejected(&app, "too_many_connections");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_CONNECTIONS",
+                "too many connections from this address",
+            );
+        };
+        request
+            .extensions_mut()
+            .insert(HandshakeSlot(Arc::new(Mutex::new(Some(slot)))));
     }
     next.run(request).await
 }

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::close;
 use super::session::{aborted, AbortSignal, Inbound, Session, Transport};
-use crate::app::App;
+use crate::app::{App, HandshakeSlot};
 use crate::delivery::queue::FrameReceiver;
 use crate::delivery::registry::Outgoing;
 
@@ -100,8 +100,15 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // The handshake request took the session's place under the per-address
+    // cap; a socket without one (a second namespace) takes a new place.
+    let handshake_slot = socket
+        .req_parts()
+        .extensions
+        .get::<HandshakeSlot>()
+        .and_then(|handshake| handshake.0.lock().expect("lock poisoned").take());
     let client_ip = super::server::client_address(&app, &socket.req_parts().headers, remote);
-    let Some(slot) = app.admit(client_ip) else {
+    let Some(slot) = handshake_slot.or_else(|| app.admit(client_ip)) else {
         debug!(%remote, "socket.io connection over the per-address cap");
         let _ = socket.emit(
             "ERROR",

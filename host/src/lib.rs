@@ -8,6 +8,7 @@ pub mod app;
 pub mod config;
 pub mod delivery;
 pub mod lifecycle;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod migrate;

@@ -176,6 +176,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("failed to listen on {address}"))?;
     info!(%address, "listening");
     let router = net::server::router(app.clone(), socketio_layer);
+    // TODO: axum::serve sets no header-read, body-read or idle timeout, so a
+    // client that sends part of a request keeps its connection until it
+    // closes. The nginx config in deploy/ bounds both reads (nginx's 60 s
+    // client_header_timeout and client_body_timeout).
     let server = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -886,7 +886,7 @@ async fn socketio_websocket_event_over_frame_limit() {
 /// namespace, and keeps that one place when it joins.
 #[tokio::test]
 async fn socketio_sessions_count_against_address_cap() {
-    // alice's joined session holds the address's first place.
+    // alice's joined session takes the address's first place.
     let (system, _alice) =
         start_with_alice(Settings::default().env("MAX_CONNECTIONS_PER_IP", 2)).await;
     let url = system.host(0).http_url();

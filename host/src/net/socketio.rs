@@ -101,7 +101,8 @@ fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
         .map(|info| info.0)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     // The handshake request took the session's place under the per-address
-    // cap; a socket without one (a second namespace) takes a new place.
+    // cap. A socket that finds no place there (a second namespace) takes a
+    // new one.
     let handshake_slot = socket
         .req_parts()
         .extensions

@@ -92,10 +92,7 @@ async fn check_socketio_request(
         .split('&')
         .any(|pair| pair.starts_with("sid="));
     if opens_session {
-        let remote = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
+        let remote = remote_address(request.extensions());
         let client_ip = client_address(&app, request.headers(), remote);
         let Some(slot) = app.admit(client_ip) else {
             debug!(%remote, "socket.io session over the per-address cap");
@@ -177,6 +174,14 @@ async fn websocket(
         .max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| Session::run_websocket(app, socket, remote, token, slot))
+}
+
+/// Returns the peer address that the server recorded for a request, or
+/// 0.0.0.0:0 for a request that did not come through its listener.
+pub(super) fn remote_address(extensions: &http::Extensions) -> SocketAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0)
 }
 
 /// Returns the client's IP: the socket's peer, or with

@@ -3,11 +3,9 @@
 //! WebSocket: its events feed the session in arrival order, and the
 //! session's frames are emitted back as Socket.IO events.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -35,12 +33,13 @@ pub fn layer(
     ping_interval: Duration,
     send_queue_frames: usize,
 ) -> (SocketIoLayer, SocketIo) {
+    // `max_payload` bounds long-polling bodies only, so the WebSocket
+    // transport gets the same bound for its messages and frames.
+    //
     // The packet buffer contains what was emitted and the transport has not
     // sent yet. An event can take two packets (its reply and the
     // acknowledgement), and long-polling drains it one request at a time,
     // so it gets room for twice the session's queue.
-    // `max_payload` bounds long-polling bodies only, so the WebSocket
-    // transport gets the same bound for its messages and frames.
     SocketIo::builder()
         .max_payload(max_payload_bytes as u64)
         .ws_max_message_size(max_payload_bytes)
@@ -94,12 +93,7 @@ fn handshake_token(socket: &SocketRef, auth: Option<Value>) -> Option<String> {
 }
 
 fn on_connect(app: Arc<App>, socket: SocketRef, auth: Option<Value>) {
-    let remote = socket
-        .req_parts()
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let remote = super::server::remote_address(&socket.req_parts().extensions);
     // The handshake request took the session's place under the per-address
     // cap. A socket that finds no place there (a second namespace) takes a
     // new one.

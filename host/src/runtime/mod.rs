@@ -80,7 +80,7 @@ pub struct Runtime {
     backends: Arc<Backends>,
     /// One per running instance. An HTTP instance moves its permit into the
     /// task that runs it, so the permit lives as long as the instance.
-    pub(super) permits: Arc<Semaphore>,
+    permits: Arc<Semaphore>,
     deadline: Duration,
     memory_cap: usize,
     /// Counts loads, so every loaded version has its own number.

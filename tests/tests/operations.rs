@@ -264,3 +264,23 @@ async fn metrics_move_with_events() {
         "no invocation of the message component in the histogram"
     );
 }
+
+/// A host started with `RUST_LOG=debug` writes debug lines of its own but
+/// no message body, because the libraries that log SQL parameters and
+/// frames stay at info.
+#[tokio::test]
+async fn debug_log_has_no_message_body() {
+    let system = System::start_with(1, Settings::default().env("RUST_LOG", "debug")).await;
+    let mut alice = system.connect(0, "alice").await;
+    let mut bob = system.connect(0, "bob").await;
+    let body = "body-that-must-not-be-logged-5f1c";
+    alice.send_message_to("bob", body, None).await;
+    bob.recv_event("NEW_MESSAGE", EVENT_TIMEOUT).await;
+
+    let log = std::fs::read_to_string(system.host(0).log_path()).unwrap_or_default();
+    assert!(
+        log.contains("DEBUG") || log.contains("\"level\":\"DEBUG\""),
+        "the host wrote no debug line, so the check below proves nothing"
+    );
+    assert!(!log.contains(body), "the debug log contains a message body");
+}

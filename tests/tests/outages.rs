@@ -297,6 +297,22 @@ async fn postgres_outage_rejects_messages_only() {
         "HEALTH_STATUS while Postgres is down: {status}"
     );
 
+    // A user who connects now gets no catch-up. `$connected` has no client
+    // request to reply to, so the host's log is where the failure shows.
+    let _carol = system.connect(0, "carol").await;
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let log = std::fs::read_to_string(system.host(0).log_path()).unwrap_or_default();
+        if log.contains("handler rejected a host event") && log.contains("$connected") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the failed $connected catch-up of carol"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     cluster.start_again().await;
     let retried = retry_until_sent(
         &mut alice,

@@ -485,6 +485,11 @@ async fn forwarded_address_capped() {
     open.push(connect_forwarded(&system, "203.0.113.2, unknown", "unknown-2").await);
     let chain = "203.0.113.99, unknown";
     assert_turned_away(&url, &[("X-Forwarded-For", chain)], "invalid last entry").await;
+    let log = std::fs::read_to_string(system.host(0).log_path()).unwrap_or_default();
+    assert!(
+        log.contains("last X-Forwarded-For entry is not an address"),
+        "the host logged no warning for the invalid entries"
+    );
 
     for client in &mut open {
         client.health_check().await;
